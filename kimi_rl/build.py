@@ -1,0 +1,56 @@
+"""Builders: config -> components (tokenizer, policy backend, rollout engine, sampler)."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+from transformers import PreTrainedTokenizerBase
+
+from curriculum import CurriculumSampler
+
+from .config import TrainConfig
+from .data import TaskData
+from .data.tokenizer import char_tokenizer
+from .policy.hf import HFPolicy
+from .policy.model import load_pretrained, tiny_model
+from .rollout.torch_engine import TorchEngine
+
+BACKENDS = ("hf",)
+ENGINES = ("torch",)
+
+
+def build_policy(cfg: TrainConfig, task: TaskData) -> tuple[HFPolicy, PreTrainedTokenizerBase]:
+    if cfg.backend.name not in BACKENDS:
+        raise ValueError(f"backend.name: unknown backend {cfg.backend.name!r} (choose from {BACKENDS})")
+    if cfg.model.path:
+        model, tokenizer = load_pretrained(cfg.model.path, cfg.model.dtype)
+    else:
+        if task.vocabulary is None:
+            raise ValueError("model.path is required for a problem file (no built-in tokenizer)")
+        tokenizer = char_tokenizer(task.vocabulary)
+        model = tiny_model(cfg.model, tokenizer, seed=cfg.seed)
+    return HFPolicy(model, cfg.backend, cfg.algo), tokenizer
+
+
+def build_engine(cfg: TrainConfig, policy: HFPolicy, tokenizer: PreTrainedTokenizerBase
+                 ) -> TorchEngine:
+    if cfg.rollout.engine not in ENGINES:
+        raise ValueError(f"rollout.engine: unknown engine {cfg.rollout.engine!r} (choose from {ENGINES})")
+    return TorchEngine(copy.deepcopy(policy.model), tokenizer.eos_token_id,
+                       tokenizer.pad_token_id, seed=cfg.seed + 1,
+                       max_batch_size=cfg.rollout.max_batch_size)
+
+
+def build_sampler(cfg: TrainConfig, task: TaskData) -> CurriculumSampler:
+    return CurriculumSampler({p.id: p.level for p in task.train}, cfg.curriculum.stages,
+                             prioritized=cfg.curriculum.prioritized,
+                             priority_floor=cfg.curriculum.priority_floor, seed=cfg.seed + 2)
+
+
+def save_hf(policy: HFPolicy, tokenizer: PreTrainedTokenizerBase, out: str | Path) -> Path:
+    """The policy as a Hugging Face model directory (loads with transformers)."""
+    out = Path(out)
+    policy.model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out

@@ -1,0 +1,58 @@
+"""Problem sources: the built-in graded task, or a JSONL problem file."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+
+from ..config import DataConfig
+from . import modsum
+from .problems import DataError, Problem, load_jsonl
+
+__all__ = ["DataError", "Problem", "TaskData", "load_task", "load_jsonl"]
+
+
+@dataclass
+class TaskData:
+    train: list[Problem]
+    test: list[Problem]
+    demos: dict[int, int] = field(default_factory=dict)  # level -> demonstrations for SFT
+    vocabulary: list[str] | None = None  # characters, for the built-in tokenizer
+
+    def demonstrations(self, check_prob: float, seed: int) -> list[tuple[Problem, str]]:
+        """(problem, chain-of-thought response) pairs for the SFT cold start."""
+        rng = random.Random(seed)
+        taken: dict[int, int] = {}
+        out = []
+        for p in self.train:
+            if p.task == "modsum" and taken.get(p.level, 0) < self.demos.get(p.level, 0):
+                taken[p.level] = taken.get(p.level, 0) + 1
+                out.append((p, modsum.demonstration(p, check=rng.random() < check_prob)))
+        return out
+
+    @property
+    def levels(self) -> list[int]:
+        return sorted({p.level for p in self.train} | {p.level for p in self.test})
+
+
+def load_task(cfg: DataConfig) -> TaskData:
+    if cfg.path:
+        problems = load_jsonl(cfg.path)
+        rng = random.Random(cfg.seed)
+        test_ids = set()
+        for level in sorted({p.level for p in problems}):
+            ids = [p.id for p in problems if p.level == level]
+            test_ids |= set(rng.sample(ids, min(cfg.test_per_level, len(ids) // 5)))
+        return TaskData(
+            train=[p for p in problems if p.id not in test_ids],
+            test=[p for p in problems if p.id in test_ids],
+        )
+    if cfg.task != "modsum":
+        raise ValueError(f"data.task: unknown built-in task {cfg.task!r} (choose from ['modsum'])")
+    demos = {int(k): int(v) for k, v in cfg.demos.items()}
+    bad = sorted(set(demos) - set(cfg.levels))
+    if bad:
+        raise ValueError(f"data.demos: levels {bad} are not in data.levels {list(cfg.levels)}")
+    train, test = modsum.generate(list(cfg.levels), cfg.train_per_level, cfg.test_per_level,
+                                  cfg.seed)
+    return TaskData(train, test, demos, modsum.vocabulary())

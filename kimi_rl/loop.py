@@ -1,0 +1,261 @@
+"""The RL loop (SPEC.md section 5), one iteration after another, top to bottom.
+
+Choices, and why:
+- Online mirror descent (Kimi k1.5, section 2.3.2) by default: squared-loss surrogate with
+  the group-mean reward as tau*log Z and a log-ratio penalty to pi_theta_i, the policy that
+  generated the iteration's rollouts; GRPO and REINFORCE are there for ablations.
+- pi_theta_i is refreshed every iteration and the optimizer is reset with it (report).
+- Rewards are verifier results plus Kimi's length reward, off for a warmup.
+- Problems come from the curriculum sampler (easy -> hard) with prioritized re-sampling.
+- Optional SFT cold start on chain-of-thought demonstrations, and an SFT control that
+  spends RL's wall time on more supervised training, so the demo shows what RL adds.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from omegaconf import OmegaConf
+
+from . import checkpoint
+from .algorithms import LossBatch, get_algorithm
+from .build import build_engine, build_policy, build_sampler, save_hf
+from .config import TrainConfig
+from .data import load_task
+from .evaluate import evaluate, format_accuracy
+from .logging import RunLogger
+from .policy.packing import pack
+from .rewards.length import length_penalty_weight
+from .rewards.verify import get_verifier
+from .rollout.engine import SamplingParams
+from .rollout.samples import Sample, generate_groups, score_groups
+from .sft import encode_demos, run_sft
+
+
+def train(cfg: TrainConfig, run_dir: str | Path) -> dict:
+    """Run (or resume) RL training in `run_dir`; returns the summary written to summary.json."""
+    t_start = time.perf_counter()
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if cfg.num_threads:
+        torch.set_num_threads(cfg.num_threads)
+    torch.manual_seed(cfg.seed)
+
+    task = load_task(cfg.data)
+    policy, tokenizer = build_policy(cfg, task)
+    engine = build_engine(cfg, policy, tokenizer)
+    sampler = build_sampler(cfg, task)
+    algo = get_algorithm(cfg.algo.name)
+    by_id = {p.id: p for p in task.train}
+    params = SamplingParams(cfg.rollout.temperature, cfg.rollout.top_p)
+    demos = encode_demos(tokenizer, task.demonstrations(cfg.data.check_prob, cfg.seed))
+
+    def run_eval(title: str, key: str) -> dict[int, float]:
+        """Greedy held-out accuracy per level, and (sampled) lengths of correct responses."""
+        greedy = evaluate(engine, tokenizer, task.test, cfg.eval.max_new_tokens)
+        sampled = evaluate(engine, tokenizer, task.test, cfg.eval.max_new_tokens,
+                           SamplingParams(cfg.rollout.temperature, cfg.rollout.top_p, seed=cfg.seed))
+        summary[key] = greedy["accuracy"]
+        summary.setdefault("sampled_accuracy", {})[key] = sampled["accuracy"]
+        summary.setdefault("correct_length", {})[key] = sampled["correct_length"]
+        log.print(format_accuracy(f"held-out ({title})", greedy["accuracy"]))
+        return greedy["accuracy"]
+
+    summary: dict = {"run_dir": str(run_dir), "rl_seconds": 0.0, "wall_seconds": 0.0}
+    start = 0
+    if cfg.resume:
+        state = checkpoint.load(checkpoint.latest(cfg.resume))
+        policy.load_state_dict(state["policy"])
+        engine.update_weights(policy.export_weights())
+        engine.load_state_dict(state["engine"])
+        sampler.load_state_dict(state["sampler"])
+        checkpoint.set_rng_state(state["rng"])
+        summary, start = state["summary"], state["iteration"]
+    wall0 = summary["wall_seconds"]  # time spent by earlier processes of this run
+    log = RunLogger(run_dir, cfg.iterations, start, cfg.progress)
+    log.print(f"run directory: {run_dir}")
+    if not cfg.resume:
+        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
+        if cfg.sft.enabled:
+            stats = run_sft(policy, demos, cfg.sft, cfg.seed, steps=cfg.sft.steps)
+            log.print(f"sft cold start: {stats['steps']} steps, loss {stats['loss']:.4f}, "
+                      f"{stats['seconds']:.1f} s on {len(demos)} demonstrations")
+            engine.update_weights(policy.export_weights())
+            if cfg.sft.control:
+                checkpoint.save(run_dir, "sft_start", {"policy": policy.state_dict()})
+        if cfg.eval.before:
+            run_eval("before RL", "eval_before")
+
+    warmup = cfg.reward.length_penalty_warmup
+    for it in range(start, cfg.iterations):
+        if cfg.eval.at_warmup_end and it == warmup and 0 < warmup:
+            run_eval(f"warmup end, it {it}", "eval_warmup_end")
+        t0 = time.perf_counter()
+        metrics = rl_iteration(it, cfg, policy, engine, sampler, algo, tokenizer, by_id, params,
+                               log)
+        summary["rl_seconds"] += time.perf_counter() - t0
+        if cfg.eval.every and (it + 1) % cfg.eval.every == 0:
+            ev = run_eval(f"it {it + 1}", f"eval_it{it + 1}")
+            metrics.update({f"eval/accuracy_L{lv}": a for lv, a in ev.items()})
+        log.scalars(metrics, it)
+        log.step({"reward": metrics["reward/mean"], "acc": metrics["accuracy/train"],
+                  "len": metrics["response_length/mean"]})
+        if (it + 1) % cfg.checkpoint_every == 0 or it + 1 == cfg.iterations:
+            summary["wall_seconds"] = wall0 + time.perf_counter() - t_start
+            checkpoint.save(run_dir, f"iter_{it + 1:06d}", {
+                "iteration": it + 1, "policy": policy.state_dict(), "engine": engine.state_dict(),
+                "sampler": sampler.state_dict(), "rng": checkpoint.rng_state(),
+                "summary": summary, "config": OmegaConf.to_container(cfg)})
+
+    if cfg.eval.after:
+        run_eval("after RL", "eval_after")
+    save_hf(policy, tokenizer, run_dir / "hf_model")
+    if cfg.sft.enabled and cfg.sft.control:
+        sft_control(cfg, run_dir, policy, engine, demos, summary["rl_seconds"], run_eval, log)
+    summary.update(demo_summary(cfg, task, summary))
+    summary["iterations"] = cfg.iterations
+    summary["wall_seconds"] = wall0 + time.perf_counter() - t_start
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    log.close()
+    return summary
+
+
+def rl_iteration(it, cfg, policy, engine, sampler, algo, tokenizer, by_id, params, log) -> dict:
+    """One iteration: sample problems, roll out, score, update stats, optimize, sync."""
+    t0 = time.perf_counter()
+    ids = sampler.sample(cfg.rollout.problems_per_iteration, it)
+    samples = generate_groups(engine, tokenizer, [by_id[i] for i in ids], cfg.rollout.group_size,
+                              cfg.rollout.max_new_tokens, params)
+    t1 = time.perf_counter()
+    weight = length_penalty_weight(it, cfg.reward.length_penalty_weight,
+                                   cfg.reward.length_penalty_warmup)
+    for task in {s.problem.task for s in samples}:
+        score_groups([s for s in samples if s.problem.task == task], get_verifier(task), weight)
+    sampler.update((s.problem.id, s.correct) for s in samples)
+    t2 = time.perf_counter()
+    train_metrics = optimize(cfg, policy, algo, samples, params.temperature)
+    t3 = time.perf_counter()
+    engine.update_weights(policy.export_weights())
+    t4 = time.perf_counter()
+
+    m = rollout_metrics(samples, weight)
+    m.update(train_metrics)
+    gen_tokens = sum(len(s.tokens) for s in samples)
+    m.update({
+        "time/rollout": t1 - t0, "time/reward": t2 - t1, "time/train": t3 - t2,
+        "time/sync": t4 - t3, "time/iteration": t4 - t0,
+        "throughput/rollout_tokens_per_s": gen_tokens / max(t1 - t0, 1e-9),
+        "throughput/tokens_per_s": gen_tokens / max(t4 - t0, 1e-9),
+        "curriculum/stage": sampler.stage_index(it),
+        "curriculum/sampling_entropy": sampler.sampling_entropy(it),
+    })
+    for j, s in enumerate(samples[: cfg.log_samples * cfg.rollout.group_size: cfg.rollout.group_size]):
+        log.text(f"samples/{j}", f"prompt: {s.problem.prompt!r}\n\nresponse: {s.text!r}\n\n"
+                 f"reward {s.reward:.3f} (correct {s.correct:.0f})", it)
+    return m
+
+
+def optimize(cfg: TrainConfig, policy, algo, samples: list[Sample], temperature: float) -> dict:
+    """Reference logprobs of pi_theta_i, then the configured optimizer steps on the loss
+    (SPEC.md section 1): `minibatches` steps per epoch over the iteration's groups."""
+    mb_tokens = cfg.backend.micro_batch_tokens
+    prompts = [s.prompt_ids for s in samples]
+    responses = [s.tokens for s in samples]
+    rewards = torch.tensor([s.reward for s in samples])
+    adv = algo.advantages(rewards, torch.tensor([s.group for s in samples]), cfg.algo)
+    rollout_lp = [torch.tensor(s.logprobs) for s in samples]
+    metrics: dict[str, float] = {}
+    if cfg.algo.ref_logprobs == "trainer":
+        ref = [None] * len(samples)
+        ents = []
+        for pb in pack(prompts, responses, mb_tokens):
+            lp, ent = policy.logprobs(pb, temperature)
+            ents.append(ent)
+            for j, i in enumerate(pb.seq_ids):
+                ref[i] = lp[pb.seq_index == j]
+        diff = torch.cat([r - q for r, q in zip(ref, rollout_lp)])
+        metrics["logprob/train_infer_abs_mean"] = float(diff.abs().mean())
+        metrics["logprob/train_infer_abs_max"] = float(diff.abs().max())
+    elif cfg.algo.ref_logprobs == "rollout":
+        ref = rollout_lp
+    else:
+        raise ValueError(f"algo.ref_logprobs: unknown source {cfg.algo.ref_logprobs!r} "
+                         "(choose from ['trainer', 'rollout'])")
+    if cfg.algo.reset_optimizer:
+        policy.reset_optimizer()
+    groups = sorted({s.group for s in samples})
+    chunks = np.array_split(np.array(groups), max(1, min(cfg.algo.minibatches, len(groups))))
+    steps = []
+    for _ in range(cfg.algo.epochs):
+        for chunk in chunks:
+            members = [i for i, s in enumerate(samples) if s.group in set(chunk.tolist())]
+            n_tokens = sum(len(responses[i]) for i in members)
+
+            def loss_fn(lp, pb, members=members, n_tokens=n_tokens):
+                idx = [members[j] for j in pb.seq_ids]
+                batch = LossBatch(lp, torch.cat([ref[i] for i in idx]), pb.seq_index, adv[idx],
+                                  len(members), n_tokens)
+                return algo.loss(batch, cfg.algo)
+
+            micro = pack([prompts[i] for i in members], [responses[i] for i in members], mb_tokens)
+            steps.append(policy.train_step(micro, loss_fn, temperature))
+    for k in steps[0]:
+        metrics[f"train/{k}" if not k.startswith("loss/") else k] = float(
+            np.mean([s[k] for s in steps]))
+    metrics["train/optimizer_steps"] = len(steps)
+    return metrics
+
+
+def rollout_metrics(samples: list[Sample], weight: float) -> dict[str, float]:
+    lengths = np.array([len(s.tokens) for s in samples])
+    m = {
+        "reward/mean": float(np.mean([s.reward for s in samples])),
+        "accuracy/train": float(np.mean([s.correct for s in samples])),
+        "response_length/mean": float(lengths.mean()),
+        "response_length/p90": float(np.percentile(lengths, 90)),
+        "response_length/max": float(lengths.max()),
+        "response_length/truncated_fraction": float(
+            np.mean([s.finish_reason == "length" for s in samples])),
+        "length_penalty/weight": weight,
+        "length_penalty/contribution": float(np.mean([weight * s.length_reward for s in samples])),
+    }
+    correct = [len(s.tokens) for s in samples if s.correct == 1.0]
+    if correct:
+        m["response_length/correct_mean"] = float(np.mean(correct))
+    for lv in sorted({s.problem.level for s in samples}):
+        m[f"accuracy/train_L{lv}"] = float(np.mean([s.correct for s in samples
+                                                    if s.problem.level == lv]))
+    return m
+
+
+def sft_control(cfg, run_dir, policy, engine, demos, seconds, run_eval, log) -> None:
+    """The SFT start trained further on all demonstrations for RL's wall time, evaluated."""
+    start = checkpoint.load(Path(run_dir) / "checkpoints" / "sft_start.pt")
+    policy.load_state_dict(start["policy"])
+    stats = run_sft(policy, demos, cfg.sft, cfg.seed + 7, seconds=seconds, warmup=False)
+    log.print(f"sft control: {stats['steps']} more SFT steps in {stats['seconds']:.1f} s")
+    engine.update_weights(policy.export_weights())
+    run_eval("SFT control", "sft_control")
+
+
+def demo_summary(cfg: TrainConfig, task, summary: dict) -> dict:
+    """Which levels RL trained on and had demonstrations for, and lengths of correct
+    responses (held-out, sampled) at the end of the length-penalty warmup and at the end."""
+    trained = sorted({int(lv) for st in cfg.curriculum.stages for lv, w in st.levels.items() if w > 0}
+                     or set(task.levels))
+    out = {"trained_levels": trained,
+           "demonstrated_levels": sorted(int(lv) for lv, n in cfg.data.demos.items() if n > 0)
+           if cfg.sft.enabled else [],
+           "demonstrations": {int(lv): n for lv, n in task.demos.items()}}
+
+    lengths = summary.get("correct_length", {})
+    for key, name in (("eval_warmup_end", "correct_length_at_warmup_end"),
+                      ("eval_after", "correct_length_final")):
+        vals = [v for lv, v in lengths.get(key, {}).items() if int(lv) in trained]
+        if vals:
+            out[name] = float(np.mean(vals))
+    return out

@@ -1,0 +1,117 @@
+"""Policy backend on a transformers causal LM: packed logprobs, train step, weight export."""
+
+from __future__ import annotations
+
+from typing import Callable, Iterator
+
+import torch
+from torch import Tensor
+from torch.utils.checkpoint import checkpoint
+from transformers import PreTrainedModel
+
+from ..config import AlgoConfig, BackendConfig
+from .packing import PackedBatch
+
+LossFn = Callable[[Tensor, PackedBatch], tuple[Tensor, dict[str, float]]]
+
+
+def _chunk_logprobs(hidden: Tensor, weight: Tensor, targets: Tensor, temperature: float
+                    ) -> tuple[Tensor, Tensor]:
+    logits = (hidden @ weight.T).float() / temperature
+    logz = torch.logsumexp(logits, dim=-1)
+    lp = logits.gather(-1, targets[:, None])[:, 0] - logz
+    probs = torch.softmax(logits.detach(), dim=-1)
+    entropy = logz.detach() - (probs * logits.detach()).sum(-1)
+    return lp, entropy
+
+
+def token_logprobs(hidden: Tensor, weight: Tensor, targets: Tensor, chunk: int,
+                   temperature: float = 1.0) -> tuple[Tensor, Tensor]:
+    """log p(target) and entropy per row of `hidden` [N, H], computing the lm head `chunk`
+    rows at a time; with grad, each chunk's logits are recomputed in backward rather than
+    kept, so memory stays at one chunk of [chunk x vocab] logits."""
+    lps, ents = [], []
+    for s in range(0, hidden.shape[0], chunk):
+        h, t = hidden[s:s + chunk], targets[s:s + chunk]
+        if torch.is_grad_enabled() and hidden.shape[0] > chunk:
+            lp, ent = checkpoint(_chunk_logprobs, h, weight, t, temperature, use_reentrant=False)
+        else:
+            lp, ent = _chunk_logprobs(h, weight, t, temperature)
+        lps.append(lp)
+        ents.append(ent)
+    return torch.cat(lps), torch.cat(ents)
+
+
+class HFPolicy:
+    """The `hf` policy backend. Interface shared with other backends:
+    logprobs(batch), train_step(micro_batches, loss_fn), export_weights(),
+    reset_optimizer(), state_dict()/load_state_dict()."""
+
+    def __init__(self, model: PreTrainedModel, backend: BackendConfig, algo: AlgoConfig):
+        self.model = model
+        self.cfg = backend
+        self.algo = algo
+        if backend.gradient_checkpointing:
+            model.gradient_checkpointing_enable()
+        model.config.use_cache = False
+        self.optimizer = self._make_optimizer()
+
+    def _make_optimizer(self, lr: float | None = None) -> torch.optim.Optimizer:
+        return torch.optim.AdamW(
+            self.model.parameters(), lr=self.algo.lr if lr is None else lr,
+            betas=tuple(self.algo.betas), weight_decay=self.algo.weight_decay,
+        )
+
+    def reset_optimizer(self, lr: float | None = None) -> None:
+        """A fresh optimizer (no moments), at `lr` or the algorithm's learning rate."""
+        self.optimizer = self._make_optimizer(lr)
+
+    def set_lr(self, lr: float) -> None:
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+
+    def _forward(self, batch: PackedBatch, temperature: float) -> tuple[Tensor, Tensor]:
+        body = self.model.base_model
+        hidden = body(input_ids=batch.input_ids, position_ids=batch.position_ids,
+                      use_cache=False).last_hidden_state
+        hidden = hidden.reshape(-1, hidden.shape[-1])
+        weight = self.model.get_output_embeddings().weight
+        return token_logprobs(hidden[batch.target_index - 1], weight, batch.targets,
+                              self.cfg.logits_chunk, temperature)
+
+    @torch.no_grad()
+    def logprobs(self, batch: PackedBatch, temperature: float = 1.0) -> tuple[Tensor, Tensor]:
+        """Per-target-token logprobs and entropies, without grad."""
+        self.model.eval()
+        return self._forward(batch, temperature)
+
+    def train_step(self, micro_batches: list[PackedBatch], loss_fn: LossFn,
+                   temperature: float = 1.0) -> dict[str, float]:
+        """One optimizer step over micro-batches (gradient accumulation; `loss_fn` returns
+        each micro-batch's contribution to the mini-batch loss)."""
+        self.model.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        metrics: dict[str, float] = {}
+        for mb in micro_batches:
+            lp, ent = self._forward(mb, temperature)
+            loss, m = loss_fn(lp, mb)
+            loss.backward()
+            m["entropy"] = float(ent.mean()) if ent.numel() else 0.0
+            for k, v in m.items():  # loss terms add up over micro-batches; stats average
+                w = 1.0 if k.startswith("loss/") else 1.0 / len(micro_batches)
+                metrics[k] = metrics.get(k, 0.0) + w * v
+        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.algo.grad_clip)
+        self.optimizer.step()
+        metrics["grad_norm"] = float(norm)
+        return metrics
+
+    def export_weights(self) -> Iterator[tuple[str, Tensor]]:
+        """Full tensors under their Hugging Face names."""
+        yield from self.model.state_dict().items()
+
+    def state_dict(self) -> dict:
+        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])

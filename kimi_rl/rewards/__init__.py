@@ -1,0 +1,1 @@
+"""Rewards: correctness verifiers and the Kimi length penalty (SPEC.md section 2)."""

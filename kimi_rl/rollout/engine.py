@@ -1,0 +1,46 @@
+"""The rollout-engine interface shared by the built-in torch engine and vLLM."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterable, Protocol, Sequence
+
+from torch import Tensor
+
+
+@dataclass
+class Request:
+    """Generate a continuation of `prompt_ids + prefix_ids`; `prefix_ids` are response
+    tokens produced earlier (the continuation of a partial rollout)."""
+
+    prompt_ids: list[int]
+    prefix_ids: list[int] = field(default_factory=list)
+
+
+@dataclass
+class Segment:
+    """Newly generated tokens, their sampling logprobs (log softmax of logits/temperature,
+    before top-p), and why generation ended: "stop" (EOS) or "length" (token limit)."""
+
+    tokens: list[int]
+    logprobs: list[float]
+    finish_reason: str
+
+
+@dataclass
+class SamplingParams:
+    temperature: float = 1.0
+    top_p: float = 1.0
+    greedy: bool = False
+    seed: int | None = None  # a fixed seed for this call, apart from the engine's stream
+
+
+class RolloutEngine(Protocol):
+    def generate(self, requests: Sequence[Request], max_new_tokens: int | Sequence[int],
+                 params: SamplingParams) -> list[Segment]: ...
+
+    def update_weights(self, weights: Iterable[tuple[str, Tensor]]) -> None: ...
+
+    def state_dict(self) -> dict: ...
+
+    def load_state_dict(self, state: dict) -> None: ...

@@ -1,0 +1,63 @@
+"""Trajectories: generating groups of k responses per problem, and scoring them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+from transformers import PreTrainedTokenizerBase
+
+from ..data.problems import Problem
+from ..rewards.length import length_rewards
+from .engine import Request, RolloutEngine, SamplingParams
+
+
+@dataclass
+class Sample:
+    """One trajectory: a response to a problem, in group `group` of its iteration."""
+
+    problem: Problem
+    group: int
+    prompt_ids: list[int]
+    tokens: list[int]
+    logprobs: list[float]  # sampling logprobs from the rollout engine
+    finish_reason: str
+    text: str = ""
+    correct: float = 0.0
+    length_reward: float = 0.0
+    reward: float = 0.0
+
+
+def encode_prompt(tokenizer: PreTrainedTokenizerBase, problem: Problem) -> list[int]:
+    return tokenizer(problem.prompt).input_ids
+
+
+def generate_groups(engine: RolloutEngine, tokenizer: PreTrainedTokenizerBase,
+                    problems: Sequence[Problem], k: int, max_new_tokens: int,
+                    params: SamplingParams) -> list[Sample]:
+    """k responses per problem; samples of problem i carry group index i."""
+    prompts = [encode_prompt(tokenizer, p) for p in problems]
+    requests = [Request(prompts[i]) for i in range(len(problems)) for _ in range(k)]
+    segments = engine.generate(requests, max_new_tokens, params)
+    samples = []
+    for n, seg in enumerate(segments):
+        i = n // k
+        samples.append(Sample(problems[i], i, prompts[i], seg.tokens, seg.logprobs,
+                              seg.finish_reason,
+                              tokenizer.decode(seg.tokens, skip_special_tokens=True)))
+    return samples
+
+
+def score_groups(samples: Sequence[Sample], verify: Callable[[Problem, str], float],
+                 length_weight: float) -> None:
+    """Correctness from the verifier plus the weighted Kimi length reward, per group
+    (SPEC.md section 2). Fills correct, length_reward and reward in place."""
+    groups: dict[int, list[Sample]] = {}
+    for s in samples:
+        s.correct = verify(s.problem, s.text)
+        groups.setdefault(s.group, []).append(s)
+    for members in groups.values():
+        lens = length_rewards([len(s.tokens) for s in members], [s.correct == 1.0 for s in members])
+        for s, lr in zip(members, lens):
+            s.length_reward = lr
+            s.reward = s.correct + length_weight * lr

@@ -1,0 +1,59 @@
+"""Shared fixtures: the built-in character tokenizer and tiny random Llama models."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+
+import pytest
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerFast
+
+from kimi_rl.config import ModelConfig
+from kimi_rl.data import modsum
+from kimi_rl.data.tokenizer import char_tokenizer
+from kimi_rl.policy.model import tiny_model
+
+# Tiny matrices: one thread avoids OpenMP spin-waits that make each matmul cost
+# milliseconds on a shared 2-core machine. Results do not depend on it.
+torch.set_num_threads(1)
+
+TINY = dict(hidden_size=32, num_layers=2, num_heads=2, num_kv_heads=2, intermediate_size=64)
+
+
+@pytest.fixture(autouse=True)
+def _seed() -> None:
+    torch.manual_seed(0)
+    random.seed(0)
+
+
+@pytest.fixture(scope="session")
+def tokenizer() -> PreTrainedTokenizerFast:
+    return char_tokenizer(modsum.vocabulary())
+
+
+def build_model(tokenizer: PreTrainedTokenizerFast, seed: int = 0, std: float | None = None,
+                **overrides) -> PreTrainedModel:
+    """A tiny Llama in eval mode. `std` re-draws every matrix from N(0, std^2) (seeded):
+    the default init gives nearly uniform next-token distributions, a larger std gives
+    peaked, varied ones (useful where argmax decisions are compared)."""
+    model = tiny_model(ModelConfig(**{**TINY, **overrides}), tokenizer, seed=seed)
+    if std is not None:
+        gen = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.dim() == 2:
+                    p.copy_(torch.randn(p.shape, generator=gen) * std)
+    return model.eval()
+
+
+@pytest.fixture
+def make_model(tokenizer) -> Callable[..., PreTrainedModel]:
+    """Factory: make_model(seed=0, std=None, **ModelConfig overrides)."""
+    torch.manual_seed(0)
+    return lambda seed=0, std=None, **kw: build_model(tokenizer, seed, std, **kw)
+
+
+@pytest.fixture
+def model(make_model) -> PreTrainedModel:
+    return make_model(seed=0)

@@ -1,0 +1,151 @@
+"""The Hydra config shipped in the package: composition, typos, and user-facing errors."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from importlib import resources
+
+import pytest
+from hydra import compose, initialize_config_module
+from hydra.errors import ConfigCompositionException, MissingConfigException
+from omegaconf import OmegaConf
+
+from kimi_rl.config import TrainConfig, register_configs
+from kimi_rl.data import TaskData, load_task
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _registered() -> None:
+    register_configs()
+
+
+def make(overrides: list[str] | None = None):
+    with initialize_config_module(config_module="kimi_rl.conf", version_base=None):
+        return compose("train", overrides=overrides or [])
+
+
+def options(group: str) -> list[str]:
+    files = resources.files("kimi_rl.conf").joinpath(group).iterdir()
+    return sorted(f.name.removesuffix(".yaml") for f in files if f.name.endswith(".yaml"))
+
+
+def load_yaml(name: str) -> dict:
+    text = resources.files("kimi_rl.conf").joinpath(name).read_text()
+    return OmegaConf.to_container(OmegaConf.create(text))
+
+
+def assert_subset(sub, full, where: str) -> None:
+    """Every value set in `sub` (a YAML file) is what the composed config holds."""
+    if isinstance(sub, dict):
+        for k, v in sub.items():
+            assert_subset(v, full[k], f"{where}.{k}")
+    else:
+        assert sub == (OmegaConf.to_container(full) if OmegaConf.is_config(full) else full), where
+
+
+def test_default_composes_to_the_demo():
+    cfg = make()
+    demo = load_yaml("experiment/demo.yaml")
+    for entry in demo.pop("defaults", []):  # e.g. {"override /curriculum": "easy_to_hard"}
+        for key, option in entry.items():
+            group = key.split("/")[-1]
+            assert_subset(load_yaml(f"{group}/{option}.yaml"), cfg[group], group)
+    # every value the demo experiment sets is in the composed config
+    assert_subset(demo, cfg, "cfg")
+    assert OmegaConf.get_type(cfg) is TrainConfig
+    assert cfg.model.path is None and cfg.algo.name == "omd"
+    # the schema is complete: no key of the dataclass is missing from the result
+    assert set(cfg.keys()) == set(OmegaConf.structured(TrainConfig).keys())
+
+
+def test_every_group_option_composes():
+    groups = [g.name for g in resources.files("kimi_rl.conf").iterdir()
+              if g.is_dir() and not g.name.startswith("_")]
+    assert {"algo", "model", "backend", "rollout", "curriculum", "data"} <= set(groups)
+    assert {"omd", "grpo", "reinforce"} <= set(options("algo"))
+    for name in options("algo"):
+        cfg = make([f"algo={name}"])
+        assert cfg.algo.name == name
+        OmegaConf.to_object(cfg)  # every value has its declared type
+    for group in groups:
+        for name in options(group):
+            extra = {"model": ["model.path=/some/dir"], "data": ["data.path=/some/file"]}
+            cfg = make([f"{group}={name}", *extra.get(group, [])])
+            assert OmegaConf.get_type(cfg) is TrainConfig
+
+
+@pytest.mark.parametrize("override, name", [
+    ("algo.tua=1", "tua"),
+    ("rollout.temprature=0.5", "temprature"),
+    ("itrations=3", "itrations"),
+])
+def test_unknown_key_names_it(override, name):
+    with pytest.raises(ConfigCompositionException) as err:
+        make([override])
+    assert name in str(err.value)
+    assert f"Key '{name}' not in" in str(err.value.__cause__)  # the schema rejected it
+
+
+def test_wrong_value_type_fails():
+    with pytest.raises(ConfigCompositionException) as err:
+        make(["algo.tau=abc"])
+    assert "algo.tau" in str(err.value) + str(err.value.__cause__)
+
+
+def test_misspelt_group_option_fails():
+    with pytest.raises(MissingConfigException) as err:
+        make(["algo=omdd"])
+    assert "omdd" in str(err.value)
+    with pytest.raises(ConfigCompositionException, match="modle"):
+        make(["modle=tiny"])
+
+
+def test_overrides_apply():
+    cfg = make(["algo=grpo", "algo.clip_eps=0.3", "rollout.group_size=4", "seed=5"])
+    assert (cfg.algo.name, cfg.algo.clip_eps, cfg.rollout.group_size, cfg.seed) == (
+        "grpo", 0.3, 4, 5)
+
+
+@pytest.mark.parametrize("overrides", [["model.path=/nonexistent/dir"],
+                                       ["model=hf", "model.path=/nonexistent/dir"]])
+def test_build_policy_missing_model_dir(overrides):
+    from kimi_rl.build import build_policy
+
+    cfg = make(overrides)
+    task = TaskData(train=[], test=[], vocabulary=["a"])
+    with pytest.raises(FileNotFoundError, match="/nonexistent/dir"):
+        build_policy(cfg, task)
+
+
+def test_build_policy_tiny_from_config():
+    from kimi_rl.build import build_engine, build_policy
+
+    cfg = make(["model.hidden_size=32", "model.num_layers=1", "model.num_heads=2",
+                "model.num_kv_heads=2", "model.intermediate_size=64",
+                "data.levels=[1,2]", "data.demo_levels=[1]", "data.train_per_level=5",
+                "data.test_per_level=2"])
+    task = load_task(cfg.data)
+    policy, tokenizer = build_policy(cfg, task)
+    assert policy.model.config.hidden_size == 32
+    assert policy.model.config.vocab_size == len(tokenizer)
+    engine = build_engine(cfg, policy, tokenizer)
+    assert engine.model is not policy.model
+
+
+def run_cli(*args: str, cwd) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "kimi_rl.cli", *args], cwd=cwd,
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_cli_unknown_key_exits_nonzero(tmp_path):
+    proc = run_cli("train", "algo.tua=1", cwd=tmp_path)
+    assert proc.returncode != 0
+    assert "tua" in proc.stdout + proc.stderr
+    assert not (tmp_path / "runs").exists(), "nothing ran"
+
+
+def test_cli_usage(tmp_path):
+    proc = run_cli("bogus", cwd=tmp_path)
+    assert proc.returncode != 0
+    assert "usage" in proc.stderr

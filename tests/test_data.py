@@ -1,0 +1,245 @@
+"""Problem files, the built-in task, its tokenizer and the answer verifiers."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import re
+
+import pytest
+from transformers import AutoTokenizer
+
+from kimi_rl.data import modsum
+from kimi_rl.data.problems import DataError, Problem, load_jsonl
+from kimi_rl.rewards.verify import final_answer, get_verifier, verify_exact
+
+# ---------------------------------------------------------------- JSONL problem files
+
+GOOD = [
+    {"prompt": "What is 2+2?", "answer": "4", "difficulty": 1, "id": "a"},
+    {"prompt": "Solve x^2 = 9, x > 0.", "answer": 3, "difficulty": 3},
+    {"prompt": "Ünïcode prompt", "answer": "\\frac{1}{2}", "task": "modsum"},
+]
+
+
+def write(path, rows) -> None:
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows),
+                    encoding="utf-8")
+
+
+def test_load_good_file(tmp_path):
+    path = tmp_path / "probs.jsonl"
+    write(path, [GOOD[0], "", GOOD[1], "   ", GOOD[2]])  # blank lines are skipped
+    problems = load_jsonl(path)
+    assert problems == [
+        Problem("a", GOOD[0]["prompt"], "4", 1, "math"),
+        Problem("probs-3", GOOD[1]["prompt"], "3", 3, "math"),
+        Problem("probs-5", GOOD[2]["prompt"], "\\frac{1}{2}", 1, "modsum"),
+    ]
+    assert [p.id for p in load_jsonl(path, task="code", id_prefix="x")] == ["a", "x-3", "x-5"]
+    assert load_jsonl(path, task="code")[1].task == "code"
+
+
+BAD_ROWS = {
+    "missing answer": '{"prompt": "q"}',
+    "empty answer": '{"prompt": "q", "answer": "  "}',
+    "empty prompt": '{"prompt": "", "answer": "1"}',
+    "blank prompt": '{"prompt": "  \\n", "answer": "1"}',
+    "missing prompt": '{"answer": "1"}',
+    "invalid json": '{"prompt": "q", "answer": ',
+    "not an object": '["q", "1"]',
+    "string difficulty": '{"prompt": "q", "answer": "1", "difficulty": "hard"}',
+    "float difficulty": '{"prompt": "q", "answer": "1", "difficulty": 2.5}',
+    "bool difficulty": '{"prompt": "q", "answer": "1", "difficulty": true}',
+    "duplicate id": '{"prompt": "q", "answer": "1", "id": "a"}',
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_ROWS))
+def test_bad_row_names_file_and_row(tmp_path, case):
+    path = tmp_path / "bad.jsonl"
+    write(path, [GOOD[0], GOOD[1], "", BAD_ROWS[case], GOOD[2]])  # the bad one is row 4
+    with pytest.raises(DataError) as err:
+        load_jsonl(path)
+    msg = str(err.value)
+    assert str(path) in msg
+    assert re.search(r"(?<!\d)4(?!\d)", msg.replace(str(path), "")), msg
+
+
+def test_missing_or_empty_file(tmp_path):
+    with pytest.raises(DataError, match="nope.jsonl"):
+        load_jsonl(tmp_path / "nope.jsonl")
+    empty = tmp_path / "empty.jsonl"
+    write(empty, ["", " "])
+    with pytest.raises(DataError, match="empty.jsonl"):
+        load_jsonl(empty)
+
+
+# ---------------------------------------------------------------- the built-in task
+
+LEVELS = [1, 2, 3, 4]
+
+
+def by_level(problems, level):
+    return [p for p in problems if p.level == level]
+
+
+def test_generate_counts_disjoint_and_deterministic():
+    train, test = modsum.generate(LEVELS, 40, 10, seed=7)
+    for level in LEVELS:
+        tr, te = by_level(train, level), by_level(test, level)
+        assert (len(tr), len(te)) == (40, 10)
+        tr_prompts, te_prompts = {p.prompt for p in tr}, {p.prompt for p in te}
+        assert len(tr_prompts) == 40 and len(te_prompts) == 10, "no duplicates"
+        assert not tr_prompts & te_prompts, "test prompts never appear in train"
+    assert len({p.id for p in train + test}) == len(train) + len(test)
+    assert all(p.task == "modsum" for p in train + test)
+    assert modsum.generate(LEVELS, 40, 10, seed=7) == (train, test)
+    assert modsum.generate(LEVELS, 40, 10, seed=8) != (train, test)
+
+
+def distinct_problems_estimate(level: int, draws: int = 60000) -> float:
+    """How many distinct prompts a level has, from how many distinct ones `draws` random
+    problems give (the expected count is S * (1 - (1 - 1/S)^draws)); exact when small."""
+    rng = random.Random(123)
+    d = len({modsum.make_problem(rng, level, "x").prompt for _ in range(draws)})
+    expected = lambda s: s * -math.expm1(draws * math.log1p(-1.0 / s))
+    lo, hi = d, 10**15
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if expected(mid) < d else (lo, mid)
+    return hi
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "kimi_rl/data/modsum.py generate(): space = 10**(L+1) * 26**(L+1) counts labels drawn "
+    "with replacement, but make_problem samples distinct labels (26*25*100 = 65000 level-1 "
+    "prompts, not 67600): test takes more than a fifth, and a request over the true space "
+    "(e.g. generate([1], 65000, 100, 0)) loops forever"))
+def test_small_level_counts_are_capped():
+    space = distinct_problems_estimate(1)
+    _, test = modsum.generate([1], 0, 10**9, seed=0)
+    assert len({p.prompt for p in test}) == len(test)
+    assert len(test) <= space / 5 * 1.015  # 1.5 %: error of the estimate
+    assert len(test) >= space / 5 * 0.985
+
+
+@pytest.fixture(scope="module")
+def problems():
+    train, test = modsum.generate(LEVELS, 30, 10, seed=3)
+    return train + test
+
+
+def test_answers_are_digit_sums(problems):
+    for p in problems:
+        assert p.answer == str(sum(map(int, re.findall(r"\d", p.prompt))) % 10)
+
+
+@pytest.mark.parametrize("check", [False, True])
+def test_demonstrations_verify(problems, check):
+    verify = get_verifier("modsum")
+    for p in problems:
+        demo = modsum.demonstration(p, check)
+        assert modsum.extract_answer(demo) == p.answer
+        assert demo.rstrip().splitlines()[-1].split()[-1] == p.answer  # the final line
+        assert modsum.verify(p, demo) == 1.0 == verify(p, demo)
+        assert modsum.verify(p, demo + "\n\n") == 1.0  # trailing blank lines are not lines
+    longer = [len(modsum.demonstration(p, True)) > len(modsum.demonstration(p, False))
+              for p in problems]
+    assert all(longer)
+
+
+def other_answer(problems, p):
+    return next(q for q in problems if q.answer != p.answer)
+
+
+def test_only_the_final_line_counts(problems):
+    for p in problems[:20]:
+        demo = modsum.demonstration(p, check=False)
+        q = other_answer(problems, p)
+        wrong_final = modsum.demonstration(q, check=False).splitlines()[-1]
+        first = demo.splitlines()[0]
+        # an answer line followed by more text
+        assert modsum.verify(p, demo + "\n" + first) == 0.0
+        assert modsum.verify(p, demo + " and more") == 0.0
+        # the right answer inside the chain of thought, a wrong final line
+        assert modsum.verify(p, demo + "\n" + wrong_final) == 0.0
+        # a wrong chain of thought with the right final line still scores
+        wrong_cot = modsum.demonstration(q, check=False).splitlines()[:-1]
+        assert modsum.verify(p, "\n".join(wrong_cot + [demo.splitlines()[-1]])) == 1.0
+    assert modsum.extract_answer("") is None
+    assert modsum.verify(problems[0], "") == 0.0
+
+
+def test_tokenizer_round_trips_demonstrations(tokenizer, problems, tmp_path):
+    texts = [p.prompt + modsum.demonstration(p, check) for p in problems for check in (0, 1)]
+    for text in texts:
+        ids = tokenizer(text)["input_ids"]
+        assert ids[0] == tokenizer.bos_token_id
+        assert len(ids) == len(text) + 1, "one token per character"
+        assert tokenizer.unk_token_id not in ids
+        assert tokenizer.decode(ids, skip_special_tokens=True) == text
+    tokenizer.save_pretrained(tmp_path)
+    loaded = AutoTokenizer.from_pretrained(tmp_path)
+    assert len(loaded) == len(tokenizer)
+    for attr in ("pad_token_id", "bos_token_id", "eos_token_id", "unk_token_id"):
+        assert getattr(loaded, attr) == getattr(tokenizer, attr)
+    for text in texts:
+        assert loaded(text)["input_ids"] == tokenizer(text)["input_ids"]
+        assert loaded.decode(loaded(text)["input_ids"], skip_special_tokens=True) == text
+
+
+def test_tokenizer_any_string_over_the_vocabulary(tokenizer):
+    chars = modsum.vocabulary()
+    rng = random.Random(0)
+    for _ in range(50):
+        text = "".join(rng.choice(chars) for _ in range(rng.randint(1, 30)))
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        assert len(ids) == len(text)
+        assert tokenizer.decode(ids) == text
+
+
+# ---------------------------------------------------------------- verify.py
+
+@pytest.mark.parametrize("response, expected", [
+    ("so \\boxed{4}", "4"),
+    ("first \\boxed{3}, then \\boxed{4}", "4"),
+    ("\\boxed{\\frac{1}{2}}", "\\frac{1}{2}"),
+    ("x = \\boxed{ 12 } ok", "12"),
+    ("chain of thought says 7\nanswer: 42", "42"),
+    ("Answer = 42", "42"),
+    ("reasoning\n\nanswer 5\n\n", "5"),
+    ("answer: 3\nbut then more text", None),
+    ("no answer here", None),
+    ("", None),
+])
+def test_final_answer(response, expected):
+    assert final_answer(response) == expected
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "kimi_rl/rewards/verify.py _BOXED matches one level of nested braces only: for "
+    "'\\boxed{1} then \\boxed{\\frac{\\sqrt{3}}{2}}' final_answer returns '1' (an earlier "
+    "box), so a response is graded on an answer it revised"))
+def test_final_answer_deeply_nested_box():
+    text = "try \\boxed{1}, no: \\boxed{\\frac{\\sqrt{3}}{2}}"
+    assert final_answer(text) == "\\frac{\\sqrt{3}}{2}"
+
+
+@pytest.mark.parametrize("response, answer, score", [
+    ("\\boxed{X + 1}", "x+1", 1.0),
+    ("answer:   Yes.", "yes", 1.0),
+    ("\\boxed{ \\frac{1}{2} }", "\\frac{1}{2}", 1.0),
+    ("the answer is 42 somewhere\nanswer: 41", "42", 0.0),
+    ("\\boxed{42} and finally \\boxed{41}", "42", 0.0),
+    ("42", "42", 0.0),  # no boxed expression, no answer line
+])
+def test_verify_exact(response, answer, score):
+    assert verify_exact(Problem("p", "q", answer), response) == score
+    assert get_verifier("math")(Problem("p", "q", answer), response) == score
+
+
+def test_unknown_verifier():
+    with pytest.raises(ValueError, match="nope"):
+        get_verifier("nope")
