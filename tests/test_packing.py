@@ -97,11 +97,6 @@ def test_packed_logprobs_equal_unpacked(model, tokenizer, temperature, masked):
         torch.testing.assert_close(got[i][1], ent[keep], atol=1e-5, rtol=0)
 
 
-EMPTY_BUG = ("kimi_rl/policy/hf.py token_logprobs: torch.cat of an empty list when a "
-             "micro-batch has no target tokens (all loss masks False / empty responses)")
-
-
-@pytest.mark.xfail(reason=EMPTY_BUG, raises=ValueError, strict=True)
 def test_logprobs_of_a_micro_batch_without_targets(model):
     (batch,) = pack([[5, 6], [7]], [[8, 9], []], max_tokens=100, loss_masks=[[False] * 2, []])
     assert batch.target_index.numel() == 0
@@ -110,7 +105,20 @@ def test_logprobs_of_a_micro_batch_without_targets(model):
     assert lp.shape == ent.shape == (0,)
 
 
-@pytest.mark.xfail(reason=EMPTY_BUG, raises=ValueError, strict=True)
+def test_token_logprobs_without_rows_stay_in_the_graph(model):
+    """No target rows: empty results that still carry grad, so a zero loss back-propagates."""
+    weight = model.get_output_embeddings().weight
+    hidden = torch.randn(3, weight.shape[1], requires_grad=True)
+    for chunk in (1, 4):
+        lp, ent = token_logprobs(hidden[:0], weight, torch.zeros(0, dtype=torch.long), chunk)
+        assert lp.shape == ent.shape == (0,)
+        assert lp.requires_grad
+        loss = -lp.sum()
+        loss.backward()
+        assert loss.item() == 0.0
+        assert torch.count_nonzero(hidden.grad) == 0
+
+
 def test_train_step_with_a_micro_batch_without_targets(model):
     """A micro-batch that contributes nothing leaves the step equal to the step without it."""
     prompts, responses = [[5, 6], [7, 8]], [[9, 10, 11], [12]]
@@ -331,3 +339,15 @@ def test_train_step_moves_weights_against_the_gradient(model, tokenizer):
         big = g.abs() > 1e-6  # where the sign of g is unambiguous
         step = (p.detach() - before[k])[big]
         torch.testing.assert_close(step, -lr * g[big].sign(), atol=lr * 0.02, rtol=0)
+
+
+def test_train_step_entropy_is_the_mean_over_target_tokens(model, tokenizer):
+    """Micro-batches of different sizes (and an empty one) weigh by their target tokens."""
+    prompts, responses = make_sequences(len(tokenizer))
+    batches = pack(prompts, responses, max_tokens=40, row_tokens=20)
+    (empty,) = pack([[5, 6]], [[7]], max_tokens=100, loss_masks=[[False]])
+    assert len({b.target_index.numel() for b in batches}) > 1
+    policy = HFPolicy(model, BackendConfig(logits_chunk=5), AlgoConfig(lr=0.0))
+    expected = torch.cat([policy.logprobs(b)[1] for b in batches]).mean()
+    metrics = policy.train_step([*batches, empty], lambda lp, mb: (-lp.sum(), {}))
+    assert metrics["entropy"] == pytest.approx(float(expected), abs=1e-5)

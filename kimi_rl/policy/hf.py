@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import Tensor
@@ -29,9 +29,10 @@ def token_logprobs(hidden: Tensor, weight: Tensor, targets: Tensor, chunk: int,
                    temperature: float = 1.0) -> tuple[Tensor, Tensor]:
     """log p(target) and entropy per row of `hidden` [N, H], computing the lm head `chunk`
     rows at a time; with grad, each chunk's logits are recomputed in backward rather than
-    kept, so memory stays at one chunk of [chunk x vocab] logits."""
+    kept, so memory stays at one chunk of [chunk x vocab] logits. With no rows, the
+    results are empty but still part of the graph (a zero loss from them back-propagates)."""
     lps, ents = [], []
-    for s in range(0, hidden.shape[0], chunk):
+    for s in range(0, max(hidden.shape[0], 1), chunk):
         h, t = hidden[s:s + chunk], targets[s:s + chunk]
         if torch.is_grad_enabled() and hidden.shape[0] > chunk:
             lp, ent = checkpoint(_chunk_logprobs, h, weight, t, temperature, use_reentrant=False)
@@ -92,14 +93,16 @@ class HFPolicy:
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
         metrics: dict[str, float] = {}
+        ent_sum, ent_count = 0.0, 0
         for mb in micro_batches:
             lp, ent = self._forward(mb, temperature)
             loss, m = loss_fn(lp, mb)
             loss.backward()
-            m["entropy"] = float(ent.mean()) if ent.numel() else 0.0
+            ent_sum, ent_count = ent_sum + float(ent.sum()), ent_count + ent.numel()
             for k, v in m.items():  # loss terms add up over micro-batches; stats average
                 w = 1.0 if k.startswith("loss/") else 1.0 / len(micro_batches)
                 metrics[k] = metrics.get(k, 0.0) + w * v
+        metrics["entropy"] = ent_sum / max(ent_count, 1)  # mean over all target tokens
         norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.algo.grad_clip)
         self.optimizer.step()
         metrics["grad_norm"] = float(norm)
