@@ -173,16 +173,20 @@ def test_stop_and_length_with_per_request_limits(make_model, tokenizer):
                for s, lim in zip(segs, limits, strict=True))
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "kimi_rl/rollout/torch_engine.py _generate_batch: the first token is sampled for every "
-    "row before any limit is checked, so a request with max_new_tokens 0 next to one with "
-    "a larger limit gets 1 token (when every limit is 0 it correctly gets none)"))
 def test_zero_token_limit_next_to_others(model, tokenizer):
     ps = prompts(len(tokenizer), lengths=(3, 5))
     engine = engine_for(model, tokenizer)
     assert engine.generate([Request(ps[0])], 0, SamplingParams())[0].tokens == []
     segs = engine.generate([Request(p) for p in ps], [0, 4], SamplingParams())
     assert segs[0] == Segment([], [], "length")
+    assert len(segs[1].tokens) >= 1
+    # greedy: the other rows decode exactly as they would alone
+    greedy = SamplingParams(greedy=True)
+    ps = prompts(len(tokenizer), lengths=(3, 5, 2, 4), seed=3)
+    mixed = engine.generate([Request(p) for p in ps], [6, 0, 6, 0], greedy)
+    alone = engine.generate([Request(ps[0]), Request(ps[2])], 6, greedy)
+    assert mixed[1] == mixed[3] == Segment([], [], "length")
+    assert [mixed[0], mixed[2]] == alone
 
 
 def test_tiny_top_p_samples_the_argmax(make_model, tokenizer):
@@ -244,11 +248,34 @@ def test_sample_tokens_top_p_keeps_the_nucleus():
     torch.testing.assert_close(lp, probs.log()[tok], atol=1e-6, rtol=0)  # before top-p
 
 
-def test_sample_tokens_greedy():
+@pytest.mark.parametrize("temperature", [1.0, 0.5, 2.0])
+def test_sample_tokens_greedy(temperature):
+    """The argmax, with its logprob under softmax(logits / temperature) like sampling."""
     logits = torch.stack([LOGITS, LOGITS.flip(0)])
-    tok, lp = sample_tokens(logits, SamplingParams(greedy=True), torch.Generator())
+    params = SamplingParams(temperature=temperature, greedy=True)
+    tok, lp = sample_tokens(logits, params, torch.Generator())
     assert tok.tolist() == [0, len(LOGITS) - 1]
-    torch.testing.assert_close(lp, torch.log_softmax(LOGITS, -1)[0].expand(2))
+    torch.testing.assert_close(lp, torch.log_softmax(LOGITS / temperature, -1)[0].expand(2))
+
+
+@pytest.mark.parametrize("greedy", [False, True])
+def test_sample_tokens_rejects_non_positive_temperature(greedy):
+    with pytest.raises(ValueError, match="temperature"):
+        sample_tokens(LOGITS[None], SamplingParams(temperature=0.0, greedy=greedy),
+                      torch.Generator())
+
+
+def test_greedy_generation_reports_tempered_logprobs(make_model, tokenizer):
+    model = make_model(seed=2, std=0.3)
+    ps = prompts(len(tokenizer), seed=7)
+    engine = engine_for(model, tokenizer)
+    reqs = [Request(p) for p in ps]
+    plain = engine.generate(reqs, 8, SamplingParams(greedy=True))
+    cool = engine.generate(reqs, 8, SamplingParams(temperature=0.5, greedy=True))
+    assert [s.tokens for s in cool] == [s.tokens for s in plain]
+    for p, seg in zip(ps, cool, strict=True):
+        torch.testing.assert_close(torch.tensor(seg.logprobs, dtype=torch.float64),
+                                   sequence_logprobs(model, p, seg.tokens, 0.5), atol=1e-4, rtol=0)
 
 
 def test_update_weights(make_model, tokenizer):
@@ -279,3 +306,29 @@ def test_update_weights(make_model, tokenizer):
     with pytest.raises(KeyError, match="not_a_weight"):
         engine.update_weights([*old.state_dict().items(), ("model.not_a_weight", weights[
             "model.norm.weight"])])
+
+
+def test_rejected_update_leaves_the_engine_unchanged(make_model, tokenizer):
+    """Every check runs before the first copy: a bad tensor late in the update (unknown
+    name, wrong shape, missing parameter) must not leave earlier tensors half-applied."""
+    old, new = make_model(seed=1, std=0.2), make_model(seed=2, std=0.2)
+    engine = engine_for(old, tokenizer)
+    reqs = [Request(p) for p in prompts(len(tokenizer), seed=6)]
+    before = {n: t.clone() for n, t in engine.model.state_dict().items()}
+    outputs = engine.generate(reqs, 8, SamplingParams(greedy=True))
+    good = list(new.state_dict().items())
+    last_param = [n for n, _ in new.named_parameters()][-1]
+    bad_updates = {
+        "unknown": (KeyError, good + [("model.not_a_weight", good[0][1])]),
+        "shape": (ValueError, good[:-1] + [(good[-1][0], good[-1][1][:-1])]),
+        "missing": (ValueError, [(n, t) for n, t in good if n != last_param]),
+    }
+    for what, (error, update) in bad_updates.items():
+        with pytest.raises(error, match="not_a_weight|shape|partial"):
+            engine.update_weights(iter(update))
+        for name, t in engine.model.state_dict().items():
+            assert torch.equal(t, before[name]), (what, name)
+    assert engine.generate(reqs, 8, SamplingParams(greedy=True)) == outputs
+    engine.update_weights(iter(good))  # a good update still applies in full
+    for name, t in new.state_dict().items():
+        assert torch.equal(engine.model.state_dict()[name], t), name

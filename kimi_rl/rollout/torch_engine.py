@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 import torch
 from torch import Tensor
@@ -13,13 +13,15 @@ from .engine import Request, SamplingParams, Segment
 
 def sample_tokens(logits: Tensor, params: SamplingParams, generator: torch.Generator
                   ) -> tuple[Tensor, Tensor]:
-    """Next tokens and their logprobs under softmax(logits / temperature)."""
-    logits = logits.float()
+    """Next tokens and their logprobs under softmax(logits / temperature); greedy takes
+    the argmax and reports its logprob under the same tempered distribution."""
+    if not params.temperature > 0:
+        raise ValueError(f"sampling: temperature must be > 0, got {params.temperature} "
+                         "(use greedy=True for argmax decoding)")
+    logp = torch.log_softmax(logits.float() / params.temperature, dim=-1)
     if params.greedy:
-        logp = torch.log_softmax(logits, dim=-1)
         tok = logp.argmax(-1)
         return tok, logp.gather(-1, tok[:, None])[:, 0]
-    logp = torch.log_softmax(logits / params.temperature, dim=-1)
     probs = logp.exp()
     if params.top_p < 1.0:
         sorted_p, order = probs.sort(-1, descending=True)
@@ -57,21 +59,25 @@ class TorchEngine:
     def _generate_batch(self, requests: Sequence[Request], limits: list[int],
                         params: SamplingParams, generator: torch.Generator) -> list[Segment]:
         B = len(requests)
-        ctx = [list(r.prompt_ids) + list(r.prefix_ids) for r in requests]
-        L = max(len(c) for c in ctx)
-        ids = torch.full((B, L), self.pad, dtype=torch.long)
-        mask = torch.zeros((B, L), dtype=torch.long)
-        for i, c in enumerate(ctx):  # left padding
-            ids[i, L - len(c):] = torch.tensor(c)
-            mask[i, L - len(c):] = 1
-        pos = (mask.cumsum(-1) - 1).clamp(min=0)
-        limit = torch.tensor(limits)
+        limit = torch.tensor(limits, dtype=torch.long)
         T = int(limit.max()) if B else 0
         tokens = torch.full((B, max(T, 1)), self.pad, dtype=torch.long)
         logps = torch.zeros((B, max(T, 1)))
         lengths = torch.zeros(B, dtype=torch.long)
         reason = ["length"] * B
-        active = torch.arange(B)  # original row of each row still in the cache
+        # original row of each row still in the cache; rows with limit 0 never enter it
+        active = (limit > 0).nonzero()[:, 0]
+        if not len(active):
+            return [Segment([], [], "length") for _ in range(B)]
+        ctx = [list(requests[i].prompt_ids) + list(requests[i].prefix_ids)
+               for i in active.tolist()]
+        L = max(len(c) for c in ctx)
+        ids = torch.full((len(ctx), L), self.pad, dtype=torch.long)
+        mask = torch.zeros((len(ctx), L), dtype=torch.long)
+        for i, c in enumerate(ctx):  # left padding
+            ids[i, L - len(c):] = torch.tensor(c)
+            mask[i, L - len(c):] = 1
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)
         cache = DynamicCache()
         logits = self.model(input_ids=ids, attention_mask=mask, position_ids=pos,
                             past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
@@ -102,17 +108,24 @@ class TorchEngine:
 
     @torch.no_grad()
     def update_weights(self, weights: Iterable[tuple[str, Tensor]]) -> None:
-        """Copy full HF-named tensors in place; every parameter must be covered."""
+        """Copy full HF-named tensors in place; every parameter must be covered. The whole
+        update is checked (names, coverage, shapes) before anything is copied, so a
+        rejected update leaves the engine's weights as they were."""
         targets = self.model.state_dict(keep_vars=True)
-        seen = set()
+        update: dict[str, Tensor] = {}
         for name, t in weights:
             if name not in targets:
                 raise KeyError(f"update_weights: unknown weight {name!r}")
-            targets[name].data.copy_(t)
-            seen.add(name)
-        missing = {n for n, _ in self.model.named_parameters()} - seen
+            if tuple(t.shape) != tuple(targets[name].shape):
+                raise ValueError(f"update_weights: {name!r} has shape {tuple(t.shape)}, "
+                                 f"expected {tuple(targets[name].shape)}")
+            update[name] = t
+        missing = {n for n, _ in self.model.named_parameters()} - set(update)
         if missing:
-            raise ValueError(f"update_weights: partial update, missing {sorted(missing)[:5]}")
+            raise ValueError(f"update_weights: partial update, missing {sorted(missing)[:5]}"
+                             f"{' ...' if len(missing) > 5 else ''} ({len(missing)} in all)")
+        for name, t in update.items():
+            targets[name].data.copy_(t)
 
     def state_dict(self) -> dict:
         return {"generator": self.generator.get_state()}
