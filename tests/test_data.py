@@ -218,13 +218,30 @@ def test_final_answer(response, expected):
     assert final_answer(response) == expected
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "kimi_rl/rewards/verify.py _BOXED matches one level of nested braces only: for "
-    "'\\boxed{1} then \\boxed{\\frac{\\sqrt{3}}{2}}' final_answer returns '1' (an earlier "
-    "box), so a response is graded on an answer it revised"))
 def test_final_answer_deeply_nested_box():
     text = "try \\boxed{1}, no: \\boxed{\\frac{\\sqrt{3}}{2}}"
     assert final_answer(text) == "\\frac{\\sqrt{3}}{2}"
+
+
+@pytest.mark.parametrize("response, expected", [
+    ("\\boxed{\\frac{\\sqrt{\\frac{1}{x^{2}}}}{2}}", "\\frac{\\sqrt{\\frac{1}{x^{2}}}}{2}"),
+    ("\\boxed{1} then \\boxed{2", "1"),  # an unclosed box at the end is no answer
+    ("\\boxed{1} then \\boxed{a \\boxed{2}", "2"),  # a complete box inside an unclosed one
+    ("\\boxed{\\boxed{3}}", "\\boxed{3}"),  # the box closed last
+    ("{ stray \\boxed{4} }", "4"),
+    ("\\boxed{5} } stray closer", "5"),
+    ("\\boxed{\\{1, 2\\}}", "\\{1, 2\\}"),  # escaped braces are literal
+    ("\\boxed{\\{1\\} then \\boxed{6}", "6"),  # \\{ opens no group
+    ("\\boxed {7}", "7"),
+    ("\\boxed{}", ""),
+])
+def test_final_answer_brace_matching(response, expected):
+    assert final_answer(response) == expected
+
+
+def test_final_answer_is_linear_in_unclosed_boxes():
+    text = "\\boxed{" * 20000 + "\\boxed{9}"
+    assert final_answer(text) == "9"
 
 
 @pytest.mark.parametrize("response, answer, score", [
