@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import random
+import re
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,7 @@ import numpy as np
 import torch
 
 LATEST = "latest"
+_ITER = re.compile(r"iter_(\d+)\.pt")
 
 
 def _atomic_write(path: Path, write) -> None:
@@ -26,16 +28,38 @@ def _atomic_write(path: Path, write) -> None:
     os.replace(tmp, path)
 
 
-def save(run_dir: str | Path, name: str, state: dict[str, Any], keep: int = 2) -> Path:
-    """Save `state` as checkpoints/<name>.pt and point `latest` at it; keep the newest `keep`."""
+def iteration_of(path: Path) -> int | None:
+    """n for a checkpoint named iter_<n>.pt, else None (a side checkpoint)."""
+    m = _ITER.fullmatch(path.name)
+    return int(m.group(1)) if m else None
+
+
+def save(run_dir: str | Path, name: str, state: dict[str, Any], keep: int = 2,
+         latest: bool = True) -> Path:
+    """Save `state` as checkpoints/<name>.pt and, if `latest`, point `latest` at it (a side
+    checkpoint such as the SFT start is saved with latest=False: resume ignores it).
+    Saving an iter_<n> checkpoint prunes the others to the newest `keep` by n, always
+    keeping the one saved now and the one `latest` names; side checkpoints (any other
+    name) are never pruned, and saving one prunes nothing."""
     ckpt_dir = Path(run_dir) / "checkpoints"
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     path = ckpt_dir / f"{name}.pt"
     _atomic_write(path, lambda f: torch.save(state, f))
-    _atomic_write(ckpt_dir / LATEST, lambda f: f.write(path.name.encode()))
-    old = sorted(p for p in ckpt_dir.glob("iter_*.pt") if p != path)
-    for p in old[: max(0, len(old) - (keep - 1))]:
-        p.unlink()
+    if latest:
+        _atomic_write(ckpt_dir / LATEST, lambda f: f.write(path.name.encode()))
+    if iteration_of(path) is None:
+        return path
+    pointer = ckpt_dir / LATEST
+    protected = {path, ckpt_dir / pointer.read_text().strip()} if pointer.is_file() else {path}
+    iters = sorted((p for p in ckpt_dir.glob("iter_*.pt") if iteration_of(p) is not None),
+                   key=iteration_of)
+    excess = len(iters) - max(keep, 1)
+    for p in iters:
+        if excess <= 0:
+            break
+        if p not in protected:
+            p.unlink()
+            excess -= 1
     return path
 
 

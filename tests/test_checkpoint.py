@@ -66,14 +66,39 @@ def test_pruning_leaves_other_checkpoints_alone(tmp_path):
     assert names(tmp_path) == ["iter_000003.pt", "iter_000004.pt", "latest", "sft_start.pt"]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "kimi_rl/checkpoint.py save(): 'keep the newest `keep`' sorts names as strings, so "
-    "iter_10 sorts before iter_9 and the newer one is deleted (the loop zero-pads names to "
-    "6 digits, which hides this until iteration 10^6)"))
 def test_keep_newest_with_unpadded_names(tmp_path):
     for i in (8, 9, 10, 11):
         checkpoint.save(tmp_path, f"iter_{i}", state(i), keep=2)
     assert names(tmp_path) == ["iter_10.pt", "iter_11.pt", "latest"]
+    # mixed widths (a run resumed with a different padding) compare by number too
+    checkpoint.save(tmp_path, "iter_000012", state(12), keep=2)
+    assert names(tmp_path) == ["iter_000012.pt", "iter_11.pt", "latest"]
+
+
+def test_side_checkpoint_leaves_latest_alone(tmp_path):
+    checkpoint.save(tmp_path, "sft_start", {"policy": 0}, latest=False)
+    assert names(tmp_path) == ["sft_start.pt"]
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        checkpoint.latest(tmp_path)  # resume finds nothing to continue yet
+    checkpoint.save(tmp_path, "iter_000001", state(1))
+    checkpoint.save(tmp_path, "iter_000002", state(2))
+    checkpoint.save(tmp_path, "sft_start", {"policy": 1}, keep=1, latest=False)
+    # no iter checkpoint is pruned to make room for it, and latest still names iteration 2
+    assert names(tmp_path) == ["iter_000001.pt", "iter_000002.pt", "latest", "sft_start.pt"]
+    assert checkpoint.latest(tmp_path).name == "iter_000002.pt"
+    assert checkpoint.load(checkpoint.latest(tmp_path))["iteration"] == 2
+    assert checkpoint.load(tmp_path / "checkpoints" / "sft_start.pt") == {"policy": 1}
+
+
+def test_the_checkpoint_latest_names_is_never_pruned(tmp_path):
+    """An iter checkpoint saved off the pointer (latest=False) does not evict the one
+    `latest` names, even when it is the oldest."""
+    checkpoint.save(tmp_path, "iter_000001", state(1), keep=1)
+    checkpoint.save(tmp_path, "iter_000002", state(2), keep=1, latest=False)
+    assert names(tmp_path) == ["iter_000001.pt", "iter_000002.pt", "latest"]
+    assert checkpoint.latest(tmp_path).name == "iter_000001.pt"
+    checkpoint.save(tmp_path, "iter_000003", state(3), keep=1)
+    assert names(tmp_path) == ["iter_000003.pt", "latest"]
 
 
 def test_crash_during_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
