@@ -25,6 +25,9 @@ class RunLogger:
         self.writer.add_text(tag, text, step)
 
     def step(self, postfix: dict[str, float]) -> None:
+        """End of an iteration: its events reach the disk (before the loop may checkpoint,
+        so a run killed after a checkpoint keeps the events the checkpoint covers)."""
+        self.writer.flush()
         self.bar.set_postfix({k: f"{v:.3g}" for k, v in postfix.items()}, refresh=False)
         self.bar.update(1)
 
