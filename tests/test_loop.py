@@ -1,0 +1,283 @@
+"""End-to-end runs of the RL loop on a tiny model: resume, logging, summary, bad input.
+
+Runs go through `kimi_rl.loop.train` in process, or through the real CLI
+(`python -m kimi_rl.cli train ...`) where a process must be killed or its exit code and
+output matter.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import hydra
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from kimi_rl import checkpoint
+from kimi_rl.config import register_configs
+from kimi_rl.loop import train
+
+pytestmark = pytest.mark.slow
+
+LEVELS = [1, 2, 3, 4, 5]
+# A tiny model and a tiny task. The default experiment demonstrates levels 1-5, and a dict
+# override merges into that mapping, so every level stays in data.levels (no
+# demonstrations above level 1).
+TINY = [
+    "model.hidden_size=32", "model.num_layers=2", "model.num_heads=2", "model.num_kv_heads=2",
+    "model.intermediate_size=64",
+    f"data.levels=[{','.join(map(str, LEVELS))}]", "data.train_per_level=30",
+    "data.test_per_level=2", "data.demos={1:40,2:0,3:0,4:0,5:0}",
+    "sft.steps=5", "sft.batch_size=8", "sft.control=false",
+    "rollout.problems_per_iteration=4", "rollout.group_size=4", "rollout.max_new_tokens=24",
+    "eval.max_new_tokens=24", "progress=false", "num_threads=1", "curriculum=all_levels",
+]
+ITERATIONS = 6
+# the straight run and the killed-and-resumed one
+RESUMABLE = TINY + [f"iterations={ITERATIONS}", "checkpoint_every=3",
+                    "reward.length_penalty_weight=0.5", "reward.length_penalty_warmup=3"]
+# scalars that depend on the clock, not on the computation
+CLOCK = ("time/", "throughput/")
+
+
+def compose(overrides: list[str]):
+    register_configs()
+    with hydra.initialize_config_module(config_module="kimi_rl.conf", version_base=None):
+        return hydra.compose("train", overrides=overrides)
+
+
+def run(run_dir: Path, overrides: list[str]) -> dict:
+    return train(compose(overrides), run_dir)
+
+
+def cli(args: list[str], cwd: Path, **kwargs) -> subprocess.Popen:
+    """`python -m kimi_rl.cli train ARGS` in `cwd` (where Hydra puts its own outputs)."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([sys.executable, "-m", "kimi_rl.cli", "train", *args], cwd=cwd,
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, **kwargs)
+
+
+def cli_run(args: list[str], cwd: Path, timeout: float = 120) -> subprocess.CompletedProcess:
+    proc = cli(args, cwd)
+    out, _ = proc.communicate(timeout=timeout)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out)
+
+
+def events(run_dir: Path) -> EventAccumulator:
+    acc = EventAccumulator(str(run_dir / "tb"), size_guidance={"scalars": 0, "tensors": 0})
+    acc.Reload()
+    return acc
+
+
+def scalars(run_dir: Path) -> dict[str, dict[int, float]]:
+    """tag -> {step: value}; a step logged twice (events of a killed process that the
+    resumed one did not purge) fails here."""
+    acc, out = events(run_dir), {}
+    for tag in acc.Tags()["scalars"]:
+        steps = [e.step for e in acc.Scalars(tag)]
+        assert len(steps) == len(set(steps)), f"{tag}: steps logged twice: {sorted(steps)}"
+        out[tag] = {e.step: e.value for e in acc.Scalars(tag)}
+    return out
+
+
+def texts(run_dir: Path) -> dict[str, dict[int, bytes]]:
+    acc = events(run_dir)
+    return {tag: {e.step: e.tensor_proto.string_val[0] for e in acc.Tensors(tag)}
+            for tag in acc.Tags()["tensors"]}
+
+
+def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    path = run_dir / "checkpoints" / f"iter_{ITERATIONS:06d}.pt"
+    return checkpoint.load(path)["policy"]["model"]
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory) -> tuple[Path, dict]:
+    """The reference run: SFT start, eval before and after, ITERATIONS straight."""
+    run_dir = tmp_path_factory.mktemp("straight")
+    return run_dir, run(run_dir, RESUMABLE + [f"run_dir={run_dir}"])
+
+
+def kill_at_iteration(run_dir: Path, cwd: Path, iteration: int, tries: int = 3) -> None:
+    """Start a CLI run and SIGKILL it as soon as checkpoints/latest names `iteration` (and
+    before it names a later one)."""
+    want = f"iter_{iteration:06d}.pt"
+    pointer = run_dir / "checkpoints" / "latest"
+    for attempt in range(tries):
+        shutil.rmtree(run_dir, ignore_errors=True)
+        proc = cli(RESUMABLE + [f"run_dir={run_dir}"], cwd)
+        deadline = time.monotonic() + 180
+        seen = None
+        while proc.poll() is None and time.monotonic() < deadline:
+            seen = pointer.read_text() if pointer.is_file() else None
+            if seen is not None and seen != "sft_start.pt":
+                break
+            time.sleep(0.002)
+        proc.kill()
+        out, _ = proc.communicate()
+        assert proc.returncode is not None
+        if pointer.is_file() and pointer.read_text() == want and proc.returncode < 0:
+            assert not (run_dir / "summary.json").exists()
+            return
+        print(f"attempt {attempt}: latest={seen!r}, rc={proc.returncode}\n{out[-3000:]}")
+    pytest.fail(f"could not kill the run while checkpoints/latest named {want}")
+
+
+def test_resume_equals_straight(straight, tmp_path):
+    """A run killed (SIGKILL) right after its iteration-3 checkpoint and resumed ends with
+    the same weights and logs the same per-iteration scalars as a run that went straight."""
+    a_dir, a_summary = straight
+    b_dir = tmp_path / "killed"
+    kill_at_iteration(b_dir, tmp_path, 3)
+    resumed = cli_run(RESUMABLE + [f"run_dir={b_dir}", f"resume={b_dir}"], tmp_path)
+    assert resumed.returncode == 0, resumed.stdout[-5000:]
+
+    a_w, b_w = final_weights(a_dir), final_weights(b_dir)
+    assert a_w.keys() == b_w.keys()
+    for name in a_w:
+        assert torch.equal(a_w[name], b_w[name]), name
+
+    a_s, b_s = scalars(a_dir), scalars(b_dir)
+    assert a_s.keys() == b_s.keys()
+    for tag in a_s:
+        if tag.startswith(CLOCK):
+            assert a_s[tag].keys() == b_s[tag].keys(), tag
+            continue
+        assert a_s[tag] == b_s[tag], tag
+    assert set(a_s["reward/mean"]) == set(range(ITERATIONS))
+    assert texts(a_dir) == texts(b_dir)
+
+    b_summary = json.loads((b_dir / "summary.json").read_text())
+    for key in ("eval_before", "eval_after", "sampled_accuracy", "trained_levels",
+                "demonstrated_levels", "iterations"):
+        assert json.loads(json.dumps(a_summary[key])) == b_summary[key], key
+
+
+def test_resume_replaces_the_events_after_the_checkpoint(straight, tmp_path):
+    """Resuming from iteration 3 of a run that logged 6 iterations re-runs 3..5: their old
+    events are purged (each step once), and the re-run computes the same values."""
+    a_dir, _ = straight
+    b_dir = tmp_path / "rerun"
+    shutil.copytree(a_dir, b_dir)
+    (b_dir / "checkpoints" / "latest").write_text("iter_000003.pt")
+    run(b_dir, RESUMABLE + [f"run_dir={b_dir}", f"resume={b_dir}"])
+    a_s, b_s = scalars(a_dir), scalars(b_dir)  # scalars() fails on a step logged twice
+    for tag in a_s:
+        if not tag.startswith(CLOCK):
+            assert a_s[tag] == b_s[tag], tag
+    assert len(list((b_dir / "tb").iterdir())) == 2
+    for name, t in final_weights(a_dir).items():
+        assert torch.equal(final_weights(b_dir)[name], t), name
+
+
+PROMISED = [
+    "reward/mean", "accuracy/train", "response_length/mean", "response_length/p90",
+    "response_length/max", "length_penalty/weight", "length_penalty/contribution",
+    "loss/policy", "loss/penalty", "loss/total", "train/logratio/mean", "train/entropy",
+    "train/grad_norm", "throughput/tokens_per_s", "time/rollout", "time/reward", "time/train",
+    "time/sync", "curriculum/stage", "curriculum/sampling_entropy",
+]
+
+
+def test_tensorboard_holds_the_promised_scalars(straight):
+    run_dir, _ = straight
+    s = scalars(run_dir)
+    missing = [tag for tag in PROMISED if tag not in s]
+    assert not missing, f"not logged: {missing} (logged: {sorted(s)})"
+    steps = set(range(ITERATIONS))
+    for tag in PROMISED:
+        assert set(s[tag]) == steps, tag
+        assert all(math.isfinite(v) for v in s[tag].values()), tag
+    per_level = {tag for tag in s if re.fullmatch(r"accuracy/train_L\d+", tag)}
+    assert per_level and {int(t.rsplit("L", 1)[1]) for t in per_level} <= set(LEVELS)
+    for it in steps:
+        assert 0 <= s["accuracy/train"][it] <= 1
+        assert s["response_length/mean"][it] <= s["response_length/max"][it] <= 24
+        assert s["response_length/p90"][it] <= s["response_length/max"][it]
+        assert s["train/grad_norm"][it] >= 0
+        assert s["time/rollout"][it] > 0 and s["throughput/tokens_per_s"][it] > 0
+        # length penalty: off for the warmup, then the configured weight
+        assert s["length_penalty/weight"][it] == (0.0 if it < 3 else 0.5)
+        assert math.isclose(s["loss/total"][it], s["loss/policy"][it] + s["loss/penalty"][it],
+                            rel_tol=1e-5, abs_tol=1e-6)
+    t = texts(run_dir)
+    samples = [tag for tag in t if tag.startswith("samples/")]
+    assert samples, f"no text samples (tensors: {sorted(t)})"
+    assert set(t[samples[0]]) == steps
+    assert b"response:" in t[samples[0]][0]
+
+
+def test_summary(straight):
+    run_dir, summary = straight
+    on_disk = json.loads((run_dir / "summary.json").read_text())
+    assert on_disk == json.loads(json.dumps(summary, default=str))
+    for key in ("eval_before", "eval_after", "trained_levels", "demonstrated_levels",
+                "iterations", "wall_seconds"):
+        assert key in on_disk, key
+    for key in ("eval_before", "eval_after"):
+        assert sorted(int(lv) for lv in on_disk[key]) == LEVELS
+        assert all(0 <= a <= 1 for a in on_disk[key].values())
+    assert on_disk["trained_levels"] == LEVELS
+    assert on_disk["demonstrated_levels"] == [1]
+    assert on_disk["iterations"] == ITERATIONS
+    assert on_disk["wall_seconds"] > 0
+    assert "sft_control" not in on_disk
+    # the trained policy is saved as a Hugging Face directory
+    assert (run_dir / "hf_model" / "config.json").is_file()
+
+
+def test_summary_with_sft_control(tmp_path):
+    summary = run(tmp_path, TINY + ["iterations=2", "checkpoint_every=2", "sft.control=true"])
+    assert sorted(int(lv) for lv in summary["sft_control"]) == LEVELS
+    on_disk = json.loads((tmp_path / "summary.json").read_text())
+    assert on_disk["sft_control"] == json.loads(json.dumps(summary["sft_control"]))
+    assert (tmp_path / "checkpoints" / "sft_start.pt").is_file()
+    assert checkpoint.latest(tmp_path).name == "iter_000002.pt"
+
+
+@pytest.mark.parametrize("variant", [
+    ["algo=grpo"], ["algo=reinforce"], ["algo.level=token"], ["algo.ref_logprobs=rollout"],
+], ids=["grpo", "reinforce", "omd-token", "omd-rollout-ref"])
+def test_algorithm_variants_run(tmp_path, variant):
+    summary = run(tmp_path, TINY + ["iterations=2", "checkpoint_every=2", "sft.enabled=false",
+                                    "eval.before=false", "eval.after=false", *variant])
+    assert summary["iterations"] == 2
+    s = scalars(tmp_path)
+    assert set(s["loss/total"]) == {0, 1}
+    assert all(math.isfinite(v) for v in s["loss/total"].values())
+    assert set(s["train/grad_norm"]) == {0, 1}
+    assert checkpoint.load(checkpoint.latest(tmp_path))["iteration"] == 2
+
+
+def test_bad_problem_file_names_file_and_row(tmp_path):
+    bad = tmp_path / "problems.jsonl"
+    bad.write_text('{"prompt": "1+1?", "answer": "2"}\n{"prompt": "2+2?"}\n')
+    res = cli_run(["data=jsonl", f"data.path={bad}", f"run_dir={tmp_path / 'run'}"], tmp_path)
+    assert res.returncode != 0
+    assert str(bad) in res.stdout and "row 2" in res.stdout, res.stdout[-3000:]
+    assert "answer" in res.stdout
+
+
+def test_missing_model_path_is_named(tmp_path):
+    res = cli_run(TINY + ["model.path=/nonexistent/model", f"run_dir={tmp_path / 'run'}"],
+                  tmp_path)
+    assert res.returncode != 0
+    assert "/nonexistent/model" in res.stdout, res.stdout[-3000:]
+
+
+@pytest.mark.parametrize("key", ["not_a_key", "rollout.group_sise"])
+def test_unknown_key_is_named(tmp_path, key):
+    res = cli_run([f"{key}=1"], tmp_path, timeout=60)
+    assert res.returncode != 0
+    assert key.rsplit(".", 1)[-1] in res.stdout, res.stdout[-3000:]
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").rglob("*.pt"))
