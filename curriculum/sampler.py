@@ -119,7 +119,7 @@ class CurriculumSampler:
             total = sum(weights)
             if total <= 0:
                 weights, total = [1.0] * len(weights), float(len(weights))
-            for pid, w in zip(members[level], weights):
+            for pid, w in zip(members[level], weights, strict=True):
                 probs[pid] = band_weight / band_total * w / total
         return {pid: probs[pid] for pid in self.ids if pid in probs}
 

@@ -22,7 +22,8 @@ ENGINES = ("torch",)
 
 def build_policy(cfg: TrainConfig, task: TaskData) -> tuple[HFPolicy, PreTrainedTokenizerBase]:
     if cfg.backend.name not in BACKENDS:
-        raise ValueError(f"backend.name: unknown backend {cfg.backend.name!r} (choose from {BACKENDS})")
+        raise ValueError(
+            f"backend.name: unknown backend {cfg.backend.name!r} (choose from {BACKENDS})")
     if cfg.model.path:
         model, tokenizer = load_pretrained(cfg.model.path, cfg.model.dtype)
     else:
@@ -36,7 +37,8 @@ def build_policy(cfg: TrainConfig, task: TaskData) -> tuple[HFPolicy, PreTrained
 def build_engine(cfg: TrainConfig, policy: HFPolicy, tokenizer: PreTrainedTokenizerBase
                  ) -> TorchEngine:
     if cfg.rollout.engine not in ENGINES:
-        raise ValueError(f"rollout.engine: unknown engine {cfg.rollout.engine!r} (choose from {ENGINES})")
+        raise ValueError(
+            f"rollout.engine: unknown engine {cfg.rollout.engine!r} (choose from {ENGINES})")
     return TorchEngine(copy.deepcopy(policy.model), tokenizer.eos_token_id,
                        tokenizer.pad_token_id, seed=cfg.seed + 1,
                        max_batch_size=cfg.rollout.max_batch_size)

@@ -3,7 +3,9 @@ configs shipped in the package (kimi_rl/conf); the default experiment is the dem
 
 from __future__ import annotations
 
+import functools
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -29,7 +31,25 @@ def _run_dir(cfg: DictConfig) -> Path:
     return Path(cfg.run_dir or cfg.resume or HydraConfig.get().runtime.output_dir)
 
 
+def _user_errors(fn):
+    """Bad input (files, paths, values) ends the command with its message, no traceback;
+    HYDRA_FULL_ERROR=1 shows the traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(cfg: DictConfig) -> None:
+        try:
+            fn(cfg)
+        except (FileNotFoundError, ValueError, KeyError) as e:
+            if os.environ.get("HYDRA_FULL_ERROR") == "1":
+                raise
+            print(f"kimi-rl: error: {e}", file=sys.stderr)
+            sys.exit(2)
+
+    return wrapper
+
+
 @hydra.main(**HYDRA)
+@_user_errors
 def train_app(cfg: DictConfig) -> None:
     from .loop import train
 
@@ -40,6 +60,7 @@ def train_app(cfg: DictConfig) -> None:
 
 
 @hydra.main(**HYDRA)
+@_user_errors
 def sft_app(cfg: DictConfig) -> None:
     from .build import build_policy, save_hf
     from .data import load_task
@@ -54,6 +75,7 @@ def sft_app(cfg: DictConfig) -> None:
 
 
 @hydra.main(**HYDRA)
+@_user_errors
 def eval_app(cfg: DictConfig) -> None:
     from .evaluate import run_evaluation
 

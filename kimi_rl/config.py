@@ -112,6 +112,8 @@ class DataConfig:
     # chain-of-thought demonstrations for SFT: level -> how many (capped at the train set)
     demos: Dict[int, int] = field(default_factory=lambda: {1: 2000, 2: 2000, 3: 2000})
     check_prob: float = 0.5  # share of demonstrations with an optional checking pass
+    # level -> share of flawed demonstrations that stop one step early (an imperfect teacher)
+    stop_early: Dict[int, float] = field(default_factory=dict)
     seed: int = 1234
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections import defaultdict
-from typing import Sequence
+from collections.abc import Sequence
 
 from transformers import PreTrainedTokenizerBase
 
@@ -15,10 +15,11 @@ from .rollout.samples import generate_groups
 
 def evaluate(engine: RolloutEngine, tokenizer: PreTrainedTokenizerBase,
              problems: Sequence[Problem], max_new_tokens: int,
-             params: SamplingParams = SamplingParams(greedy=True)) -> dict:
+             params: SamplingParams | None = None) -> dict:
     """Accuracy per level (one response per problem) and the mean token length of the
     correct responses per level. Returns {"accuracy": {level: acc}, "correct_length":
     {level: mean}, "samples": [...]}."""
+    params = params or SamplingParams(greedy=True)
     samples = generate_groups(engine, tokenizer, problems, 1, max_new_tokens, params)
     hits: dict[int, list[float]] = defaultdict(list)
     lengths: dict[int, list[int]] = defaultdict(list)

@@ -9,13 +9,21 @@ from tqdm import tqdm
 
 
 class RunLogger:
-    """Scalars and text to TensorBoard under <run_dir>/tb; a tqdm bar on the console.
+    """Scalars and text to TensorBoard under <run_dir>/tb; progress bars on the console.
     On resume, events after `start` from the interrupted run are purged."""
 
-    def __init__(self, run_dir: str | Path, total: int, start: int = 0, progress: bool = True):
+    def __init__(self, run_dir: str | Path, start: int = 0, progress: bool = True):
         self.writer = SummaryWriter(str(Path(run_dir) / "tb"), purge_step=start or None)
-        self.bar = tqdm(total=total, initial=start, disable=not progress, desc="rl",
-                        dynamic_ncols=True)
+        self.progress = progress
+        self.bar: tqdm | None = None
+
+    def start_bar(self, desc: str, total: int, initial: int = 0) -> tqdm:
+        """A console progress bar for the next phase (replaces the previous one)."""
+        if self.bar is not None:
+            self.bar.close()
+        self.bar = tqdm(total=total, initial=initial, desc=desc, disable=not self.progress,
+                        dynamic_ncols=True, leave=True)
+        return self.bar
 
     def scalars(self, metrics: dict[str, float], step: int) -> None:
         for k, v in metrics.items():
@@ -28,12 +36,14 @@ class RunLogger:
         """End of an iteration: its events reach the disk (before the loop may checkpoint,
         so a run killed after a checkpoint keeps the events the checkpoint covers)."""
         self.writer.flush()
-        self.bar.set_postfix({k: f"{v:.3g}" for k, v in postfix.items()}, refresh=False)
-        self.bar.update(1)
+        if self.bar is not None:
+            self.bar.set_postfix({k: f"{v:.3g}" for k, v in postfix.items()}, refresh=False)
+            self.bar.update(1)
 
     def print(self, msg: str) -> None:
-        self.bar.write(msg)
+        tqdm.write(msg)
 
     def close(self) -> None:
-        self.bar.close()
+        if self.bar is not None:
+            self.bar.close()
         self.writer.close()

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -58,7 +59,8 @@ def train(cfg: TrainConfig, run_dir: str | Path) -> dict:
         """Greedy held-out accuracy per level, and (sampled) lengths of correct responses."""
         greedy = evaluate(engine, tokenizer, task.test, cfg.eval.max_new_tokens)
         sampled = evaluate(engine, tokenizer, task.test, cfg.eval.max_new_tokens,
-                           SamplingParams(cfg.rollout.temperature, cfg.rollout.top_p, seed=cfg.seed))
+                           SamplingParams(cfg.rollout.temperature, cfg.rollout.top_p,
+                                          seed=cfg.seed))
         summary[key] = greedy["accuracy"]
         summary.setdefault("sampled_accuracy", {})[key] = sampled["accuracy"]
         summary.setdefault("correct_length", {})[key] = sampled["correct_length"]
@@ -76,21 +78,27 @@ def train(cfg: TrainConfig, run_dir: str | Path) -> dict:
         checkpoint.set_rng_state(state["rng"])
         summary, start = state["summary"], state["iteration"]
     wall0 = summary["wall_seconds"]  # time spent by earlier processes of this run
-    log = RunLogger(run_dir, cfg.iterations, start, cfg.progress)
+    log = RunLogger(run_dir, start, cfg.progress)
     log.print(f"run directory: {run_dir}")
     if not cfg.resume:
         (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
         if cfg.sft.enabled:
-            stats = run_sft(policy, demos, cfg.sft, cfg.seed, steps=cfg.sft.steps)
+            bar = log.start_bar("sft", cfg.sft.steps)
+            stats = run_sft(policy, demos, cfg.sft, cfg.seed, steps=cfg.sft.steps,
+                            on_step=lambda step, loss: (bar.set_postfix(loss=f"{loss:.3f}",
+                                                                        refresh=False),
+                                                        bar.update(1)))
             log.print(f"sft cold start: {stats['steps']} steps, loss {stats['loss']:.4f}, "
                       f"{stats['seconds']:.1f} s on {len(demos)} demonstrations")
             engine.update_weights(policy.export_weights())
             if cfg.sft.control:
-                checkpoint.save(run_dir, "sft_start", {"policy": policy.state_dict()})
+                checkpoint.save(run_dir, "sft_start", {"policy": policy.state_dict()},
+                                latest=False)
         if cfg.eval.before:
             run_eval("before RL", "eval_before")
 
     warmup = cfg.reward.length_penalty_warmup
+    log.start_bar("rl", cfg.iterations, start)
     for it in range(start, cfg.iterations):
         if cfg.eval.at_warmup_end and it == warmup and 0 < warmup:
             run_eval(f"warmup end, it {it}", "eval_warmup_end")
@@ -153,7 +161,8 @@ def rl_iteration(it, cfg, policy, engine, sampler, algo, tokenizer, by_id, param
         "curriculum/stage": sampler.stage_index(it),
         "curriculum/sampling_entropy": sampler.sampling_entropy(it),
     })
-    for j, s in enumerate(samples[: cfg.log_samples * cfg.rollout.group_size: cfg.rollout.group_size]):
+    k = cfg.rollout.group_size
+    for j, s in enumerate(samples[: cfg.log_samples * k: k]):  # one per problem
         log.text(f"samples/{j}", f"prompt: {s.problem.prompt!r}\n\nresponse: {s.text!r}\n\n"
                  f"reward {s.reward:.3f} (correct {s.correct:.0f})", it)
     return m
@@ -177,7 +186,7 @@ def optimize(cfg: TrainConfig, policy, algo, samples: list[Sample], temperature:
             ents.append(ent)
             for j, i in enumerate(pb.seq_ids):
                 ref[i] = lp[pb.seq_index == j]
-        diff = torch.cat([r - q for r, q in zip(ref, rollout_lp)])
+        diff = torch.cat([r - q for r, q in zip(ref, rollout_lp, strict=True)])
         metrics["logprob/train_infer_abs_mean"] = float(diff.abs().mean())
         metrics["logprob/train_infer_abs_max"] = float(diff.abs().max())
     elif cfg.algo.ref_logprobs == "rollout":
@@ -245,12 +254,13 @@ def sft_control(cfg, run_dir, policy, engine, demos, seconds, run_eval, log) -> 
 def demo_summary(cfg: TrainConfig, task, summary: dict) -> dict:
     """Which levels RL trained on and had demonstrations for, and lengths of correct
     responses (held-out, sampled) at the end of the length-penalty warmup and at the end."""
-    trained = sorted({int(lv) for st in cfg.curriculum.stages for lv, w in st.levels.items() if w > 0}
-                     or set(task.levels))
+    trained = sorted({int(lv) for st in cfg.curriculum.stages for lv, w in st.levels.items()
+                      if w > 0} or set(task.levels))
     out = {"trained_levels": trained,
            "demonstrated_levels": sorted(int(lv) for lv, n in cfg.data.demos.items() if n > 0)
            if cfg.sft.enabled else [],
-           "demonstrations": {int(lv): n for lv, n in task.demos.items()}}
+           "demonstrations": dict(Counter(p.level for p, _ in
+                                          task.demonstrations(cfg.data.check_prob, cfg.seed)))}
 
     lengths = summary.get("correct_length", {})
     for key, name in (("eval_warmup_end", "correct_length_at_warmup_end"),

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import random
 import time
-from typing import Sequence
+from collections.abc import Sequence
 
 from transformers import PreTrainedTokenizerBase
 
@@ -47,9 +47,9 @@ def run_sft(policy: HFPolicy, data: Sequence[tuple[list[int], list[int]]], cfg: 
         micro = pack([p for p, _ in batch], [r for _, r in batch], policy.cfg.micro_batch_tokens)
         n_tokens = sum(len(r) for _, r in batch)
 
-        def nll(lp, mb):
+        def nll(lp, mb, n_tokens=n_tokens):
             loss = -lp.sum() / n_tokens
-            return loss, {"loss/nll": float(loss)}
+            return loss, {"loss/nll": loss.item()}
 
         loss = policy.train_step(micro, nll)["loss/nll"]
         step += 1

@@ -40,7 +40,8 @@ RATES = {"a": 0.0, "b": 0.25, "c": 0.5, "d": 1.0}
 
 def prioritized_sampler(floor: float = 0.05, seed: int = 1) -> CurriculumSampler:
     levels = {pid: 1 for pid in [*RATES, "e", "f"]}
-    sampler = CurriculumSampler(levels, [{"start": 0, "levels": {}}], priority_floor=floor, seed=seed)
+    sampler = CurriculumSampler(levels, [{"start": 0, "levels": {}}], priority_floor=floor,
+                                seed=seed)
     for pid, rate in RATES.items():  # 4 rollouts each with success 1 for rate*4 of them
         sampler.update([(pid, 1.0 if k < rate * 4 else 0.0) for k in range(4)])
     return sampler

@@ -112,11 +112,6 @@ def distinct_problems_estimate(level: int, draws: int = 60000) -> float:
     return hi
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "kimi_rl/data/modsum.py generate(): space = 10**(L+1) * 26**(L+1) counts labels drawn "
-    "with replacement, but make_problem samples distinct labels (26*25*100 = 65000 level-1 "
-    "prompts, not 67600): test takes more than a fifth, and a request over the true space "
-    "(e.g. generate([1], 65000, 100, 0)) loops forever"))
 def test_small_level_counts_are_capped():
     space = distinct_problems_estimate(1)
     _, test = modsum.generate([1], 0, 10**9, seed=0)
@@ -260,3 +255,11 @@ def test_verify_exact(response, answer, score):
 def test_unknown_verifier():
     with pytest.raises(ValueError, match="nope"):
         get_verifier("nope")
+
+
+def test_flawed_demonstrations_stop_one_step_early(problems):
+    for p in problems:
+        good, bad = modsum.demonstration(p, False), modsum.demonstration(p, False, stop_early=True)
+        assert bad.count("\n") == good.count("\n") - 1
+        last_digit = int(p.prompt.split()[-1][1:])
+        assert modsum.verify(p, bad) == float(last_digit == 0)

@@ -17,6 +17,7 @@ class TaskData:
     train: list[Problem]
     test: list[Problem]
     demos: dict[int, int] = field(default_factory=dict)  # level -> demonstrations for SFT
+    stop_early: dict[int, float] = field(default_factory=dict)  # level -> flawed share
     vocabulary: list[str] | None = None  # characters, for the built-in tokenizer
 
     def demonstrations(self, check_prob: float, seed: int) -> list[tuple[Problem, str]]:
@@ -27,7 +28,9 @@ class TaskData:
         for p in self.train:
             if p.task == "modsum" and taken.get(p.level, 0) < self.demos.get(p.level, 0):
                 taken[p.level] = taken.get(p.level, 0) + 1
-                out.append((p, modsum.demonstration(p, check=rng.random() < check_prob)))
+                check = rng.random() < check_prob
+                flawed = rng.random() < self.stop_early.get(p.level, 0.0)
+                out.append((p, modsum.demonstration(p, check, stop_early=flawed)))
         return out
 
     @property
@@ -49,10 +52,11 @@ def load_task(cfg: DataConfig) -> TaskData:
         )
     if cfg.task != "modsum":
         raise ValueError(f"data.task: unknown built-in task {cfg.task!r} (choose from ['modsum'])")
-    demos = {int(k): int(v) for k, v in cfg.demos.items()}
+    demos = {int(k): int(v) for k, v in cfg.demos.items() if int(v) > 0}
     bad = sorted(set(demos) - set(cfg.levels))
     if bad:
         raise ValueError(f"data.demos: levels {bad} are not in data.levels {list(cfg.levels)}")
     train, test = modsum.generate(list(cfg.levels), cfg.train_per_level, cfg.test_per_level,
                                   cfg.seed)
-    return TaskData(train, test, demos, modsum.vocabulary())
+    stop_early = {int(k): float(v) for k, v in cfg.stop_early.items()}
+    return TaskData(train, test, demos, stop_early, modsum.vocabulary())

@@ -1,6 +1,6 @@
 """The built-in verifiable task: labelled digit sums modulo 10, graded by length.
 
-A level-L problem has L + 1 labelled digits, e.g. the prompt ``k7 q3 b9\\n``; the answer is
+A level-L problem has L + 1 labelled digits, e.g. the prompt ``k7 q3 b9\n``; the answer is
 their sum modulo 10. The chain of thought adds one operand per line, naming its label:
 
     0+k7=7
@@ -8,15 +8,15 @@ their sum modulo 10. The chain of thought adds one operand per line, naming its 
     0+b9=9
     answer 9
 
-Each line needs only two look-ups (the label that follows the previous one in the prompt,
-then its digit), so the same skill extends to more operands: demonstrations cover the
-easy levels and RL carries the model to harder ones. A demonstration may also carry an
-optional checking pass (the sum redone in reverse order), which makes lengths vary and
-gives the length penalty something to remove. Only the final ``answer N`` line counts.
+A demonstration may carry an optional checking pass (the lines again after ``check``), so
+lengths vary and the length penalty has something to remove. A demonstration can also be
+flawed: it stops one operand early, as an imperfect teacher that cuts long reasoning short
+would (`stop_early`). Only the final ``answer N`` line counts.
 """
 
 from __future__ import annotations
 
+import math
 import random
 import re
 
@@ -30,7 +30,7 @@ def make_problem(rng: random.Random, level: int, pid: str) -> Problem:
     n = level + 1
     labels = rng.sample(LABELS, n)
     digits = [rng.randrange(10) for _ in range(n)]
-    prompt = " ".join(f"{a}{d}" for a, d in zip(labels, digits)) + "\n"
+    prompt = " ".join(f"{a}{d}" for a, d in zip(labels, digits, strict=True)) + "\n"
     return Problem(pid, prompt, str(sum(digits) % 10), level, "modsum")
 
 
@@ -43,12 +43,17 @@ def _steps(prompt: str) -> list[str]:
     return lines
 
 
-def demonstration(problem: Problem, check: bool) -> str:
-    """The chain-of-thought response for a problem, with or without the checking pass."""
+def demonstration(problem: Problem, check: bool, stop_early: bool = False) -> str:
+    """The chain-of-thought response for a problem, with or without the checking pass.
+    `stop_early` gives a flawed one that skips the last operand and answers wrongly
+    (unless that operand is 0)."""
     lines = _steps(problem.prompt)
+    if stop_early:
+        lines = lines[:-1]
+    answer = lines[-1].rsplit("=", 1)[1]
     if check:
         lines += ["check"] + lines
-    return "\n".join(lines + [f"answer {problem.answer}"])
+    return "\n".join(lines + [f"answer {answer}"])
 
 
 def extract_answer(response: str) -> str | None:
@@ -72,7 +77,7 @@ def generate(levels: list[int], train_per_level: int, test_per_level: int, seed:
     rng = random.Random(seed)
     train, test = [], []
     for level in levels:
-        space = 10 ** (level + 1) * 26 ** (level + 1)
+        space = 10 ** (level + 1) * math.perm(len(LABELS), level + 1)
         n_test = min(test_per_level, space // 5)
         n_train = min(train_per_level, space - n_test)
         seen: set[str] = set()

@@ -8,8 +8,8 @@ block-diagonal mask), so a row costs row_len^2 attention, not (all tokens)^2.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 from torch import Tensor
@@ -56,7 +56,7 @@ def pack(
     """Pack prompt+response sequences into micro-batches of at most `max_tokens` row
     tokens (at least one row each). Targets are the response tokens, or those whose
     `loss_masks` entry is True. Sequences must have a non-empty prompt."""
-    lengths = [len(p) + len(r) for p, r in zip(prompts, responses)]
+    lengths = [len(p) + len(r) for p, r in zip(prompts, responses, strict=True)]
     if not lengths:
         return []
     row_len = max(max(lengths), row_tokens)

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
 from transformers import PreTrainedTokenizerBase
 
@@ -58,6 +58,6 @@ def score_groups(samples: Sequence[Sample], verify: Callable[[Problem, str], flo
         groups.setdefault(s.group, []).append(s)
     for members in groups.values():
         lens = length_rewards([len(s.tokens) for s in members], [s.correct == 1.0 for s in members])
-        for s, lr in zip(members, lens):
+        for s, lr in zip(members, lens, strict=True):
             s.length_reward = lr
             s.reward = s.correct + length_weight * lr
