@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import json
 from collections import defaultdict
 from collections.abc import Sequence
+from pathlib import Path
 
+from omegaconf import OmegaConf
 from transformers import PreTrainedTokenizerBase
 
+from . import checkpoint
+from .build import build_engine, build_policy
+from .config import TrainConfig
+from .data import load_task
 from .data.problems import Problem
 from .rewards.verify import get_verifier
 from .rollout.engine import RolloutEngine, SamplingParams
@@ -43,16 +50,6 @@ def format_accuracy(title: str, acc: dict[int, float]) -> str:
 def run_evaluation(cfg, out_dir) -> dict:
     """`kimi-rl eval`: greedy held-out accuracy of a run's latest checkpoint
     (eval.checkpoint=<run dir>) or of model.path, written to <out_dir>/eval.json."""
-    import json
-    from pathlib import Path
-
-    from omegaconf import OmegaConf
-
-    from . import checkpoint
-    from .build import build_engine, build_policy
-    from .config import TrainConfig
-    from .data import load_task
-
     task = load_task(cfg.data)
     if cfg.eval.checkpoint:
         state = checkpoint.load(checkpoint.latest(cfg.eval.checkpoint))

@@ -268,4 +268,8 @@ def demo_summary(cfg: TrainConfig, task, summary: dict) -> dict:
         vals = [v for lv, v in lengths.get(key, {}).items() if int(lv) in trained]
         if vals:
             out[name] = float(np.mean(vals))
+    if "eval_warmup_end" in summary and "eval_after" in summary:  # did the penalty cost accuracy?
+        out["accuracy_change_after_warmup"] = {
+            lv: summary["eval_after"][lv] - acc for lv, acc in summary["eval_warmup_end"].items()
+            if int(lv) in trained}
     return out
