@@ -6,10 +6,12 @@ misspelt key fail with an error that names it. YAML files under conf/ only set v
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
 from hydra.core.config_store import ConfigStore
+from omegaconf import OmegaConf
 
 
 @dataclass
@@ -72,15 +74,29 @@ class RolloutConfig:
     temperature: float = 1.0
     top_p: float = 1.0
     max_new_tokens: int = 256  # max response length
+    # max response length by iteration, growing (SPEC.md section 4), e.g. {100: 16384,
+    # 200: 32768}: from each start iteration on, that cap; before the first start (and
+    # when empty) max_new_tokens. A response that reaches the cap ends as truncated.
+    max_new_tokens_schedule: Dict[int, int] = field(default_factory=dict)
     max_batch_size: int = 512  # sequences per engine call
+    # stop a response that ends in a loop: a block of p <= repeat_max_period tokens
+    # repeated at least repeat_min_repeats times over at least repeat_min_tokens tokens
+    # (SPEC.md section 2, report section 2.6.2; finish reason "repeat")
+    repeat_detection: bool = True
+    repeat_max_period: int = 64
+    repeat_min_repeats: int = 4
+    repeat_min_tokens: int = 32
 
 
 @dataclass
 class RewardConfig:
-    """Kimi length penalty (SPEC.md section 2)."""
+    """Kimi length penalty, repeat penalty, truncated responses (SPEC.md section 2)."""
 
     length_penalty_weight: float = 0.0
     length_penalty_warmup: int = 0  # iterations with weight 0 first
+    repeat_penalty: float = 0.0  # >= 0, subtracted from the reward of a "repeat" response
+    truncated_reward: str = "verify"  # verify (as any response) | zero (reward 0, no length
+    #                                   reward) for a response cut at max_new_tokens
 
 
 @dataclass
@@ -162,6 +178,37 @@ class TrainConfig:
     progress: bool = True
 
 
+TRUNCATED_REWARDS = ("verify", "zero")
+
+
+def check_config(cfg: TrainConfig) -> None:
+    """Values the schema's types cannot check; a ValueError names the key."""
+
+    def require(key: str, value, ok: bool, want: str) -> None:
+        if not ok:
+            raise ValueError(f"{key}: must be {want}, got {value!r}")
+
+    ro, rw = cfg.rollout, cfg.reward
+    require("rollout.max_new_tokens", ro.max_new_tokens, ro.max_new_tokens >= 1,
+            "an integer >= 1")
+    for start, cap in ro.max_new_tokens_schedule.items():
+        require("rollout.max_new_tokens_schedule", f"{{{start}: {cap}}}", start >= 0,
+                "{start_iteration: max_new_tokens} with start_iteration >= 0")
+        require("rollout.max_new_tokens_schedule", f"{{{start}: {cap}}}", cap >= 1,
+                "{start_iteration: max_new_tokens} with max_new_tokens >= 1")
+    for key, low in (("repeat_max_period", 1), ("repeat_min_repeats", 2),
+                     ("repeat_min_tokens", 1)):
+        value = getattr(ro, key)
+        require(f"rollout.{key}", value, value >= low, f"an integer >= {low}")
+    require("reward.repeat_penalty", rw.repeat_penalty,
+            math.isfinite(rw.repeat_penalty) and rw.repeat_penalty >= 0,
+            "a number >= 0 (it is subtracted from the reward)")
+    require("reward.truncated_reward", rw.truncated_reward,
+            rw.truncated_reward in TRUNCATED_REWARDS, f"one of {list(TRUNCATED_REWARDS)}")
+
+
 def register_configs() -> None:
+    if not OmegaConf.has_resolver("first_set"):  # hydra.run.dir: run_dir, resume or new
+        OmegaConf.register_new_resolver("first_set", lambda *xs: next(x for x in xs if x))
     cs = ConfigStore.instance()
     cs.store(name="train_schema", node=TrainConfig)

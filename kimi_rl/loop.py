@@ -5,7 +5,9 @@ Choices, and why:
   the group-mean reward as tau*log Z and a log-ratio penalty to pi_theta_i, the policy that
   generated the iteration's rollouts; GRPO and REINFORCE are there for ablations.
 - pi_theta_i is refreshed every iteration and the optimizer is reset with it (report).
-- Rewards are verifier results plus Kimi's length reward, off for a warmup.
+- Rewards are verifier results plus Kimi's length reward, off for a warmup; responses that
+  end in a loop are stopped early ("repeat", optionally penalised), and the max response
+  length can grow by a schedule (truncated responses: verified, or reward 0).
 - Problems come from the curriculum sampler (easy -> hard) with prioritized re-sampling.
 - Optional SFT cold start on chain-of-thought demonstrations, and an SFT control that
   spends RL's wall time on more supervised training, so the demo shows what RL adds.
@@ -22,15 +24,18 @@ import numpy as np
 import torch
 from omegaconf import OmegaConf
 
+from curriculum.schedules import piecewise
+
 from . import checkpoint
 from .algorithms import LossBatch, get_algorithm
 from .build import build_engine, build_policy, build_sampler, save_hf
-from .config import TrainConfig
+from .config import RolloutConfig, TrainConfig, check_config
 from .data import load_task
 from .evaluate import evaluate, format_accuracy
 from .logging import RunLogger
 from .policy.packing import pack
 from .rewards.length import length_penalty_weight
+from .rewards.repetition import RepeatDetection
 from .rewards.verify import get_verifier
 from .rollout.engine import SamplingParams
 from .rollout.samples import Sample, generate_groups, score_groups
@@ -40,6 +45,7 @@ from .sft import encode_demos, run_sft
 def train(cfg: TrainConfig, run_dir: str | Path) -> dict:
     """Run (or resume) RL training in `run_dir`; returns the summary written to summary.json."""
     t_start = time.perf_counter()
+    check_config(cfg)
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     if cfg.num_threads:
@@ -52,7 +58,8 @@ def train(cfg: TrainConfig, run_dir: str | Path) -> dict:
     sampler = build_sampler(cfg, task)
     algo = get_algorithm(cfg.algo.name)
     by_id = {p.id: p for p in task.train}
-    params = SamplingParams(cfg.rollout.temperature, cfg.rollout.top_p)
+    params = SamplingParams(cfg.rollout.temperature, cfg.rollout.top_p,
+                            repeat=repeat_detection(cfg.rollout))
     demos = encode_demos(tokenizer, task.demonstrations(cfg.data.check_prob, cfg.seed))
 
     def run_eval(title: str, key: str) -> dict[int, float]:
@@ -136,13 +143,15 @@ def rl_iteration(it, cfg, policy, engine, sampler, algo, tokenizer, by_id, param
     """One iteration: sample problems, roll out, score, update stats, optimize, sync."""
     t0 = time.perf_counter()
     ids = sampler.sample(cfg.rollout.problems_per_iteration, it)
+    cap = max_new_tokens_at(cfg.rollout, it)
     samples = generate_groups(engine, tokenizer, [by_id[i] for i in ids], cfg.rollout.group_size,
-                              cfg.rollout.max_new_tokens, params)
+                              cap, params)
     t1 = time.perf_counter()
     weight = length_penalty_weight(it, cfg.reward.length_penalty_weight,
                                    cfg.reward.length_penalty_warmup)
     for task in {s.problem.task for s in samples}:
-        score_groups([s for s in samples if s.problem.task == task], get_verifier(task), weight)
+        score_groups([s for s in samples if s.problem.task == task], get_verifier(task), weight,
+                     cfg.reward.repeat_penalty, cfg.reward.truncated_reward)
     sampler.update((s.problem.id, s.correct) for s in samples)
     t2 = time.perf_counter()
     train_metrics = optimize(cfg, policy, algo, samples, params.temperature)
@@ -151,6 +160,7 @@ def rl_iteration(it, cfg, policy, engine, sampler, algo, tokenizer, by_id, param
     t4 = time.perf_counter()
 
     m = rollout_metrics(samples, weight)
+    m["rollout/max_new_tokens"] = cap
     m.update(train_metrics)
     gen_tokens = sum(len(s.tokens) for s in samples)
     m.update({
@@ -166,6 +176,22 @@ def rl_iteration(it, cfg, policy, engine, sampler, algo, tokenizer, by_id, param
         log.text(f"samples/{j}", f"prompt: {s.problem.prompt!r}\n\nresponse: {s.text!r}\n\n"
                  f"reward {s.reward:.3f} (correct {s.correct:.0f})", it)
     return m
+
+
+def max_new_tokens_at(rollout: RolloutConfig, iteration: int) -> int:
+    """The max response length of `iteration` (SPEC.md section 4): the value of the last
+    rollout.max_new_tokens_schedule entry that starts at or before it, else
+    rollout.max_new_tokens."""
+    return int(piecewise({0: rollout.max_new_tokens, **rollout.max_new_tokens_schedule},
+                         iteration))
+
+
+def repeat_detection(rollout: RolloutConfig) -> RepeatDetection | None:
+    """The rollout's loop condition, or None when rollout.repeat_detection is off."""
+    if not rollout.repeat_detection:
+        return None
+    return RepeatDetection(rollout.repeat_max_period, rollout.repeat_min_repeats,
+                           rollout.repeat_min_tokens)
 
 
 def optimize(cfg: TrainConfig, policy, algo, samples: list[Sample], temperature: float) -> dict:
@@ -227,8 +253,10 @@ def rollout_metrics(samples: list[Sample], weight: float) -> dict[str, float]:
         "response_length/mean": float(lengths.mean()),
         "response_length/p90": float(np.percentile(lengths, 90)),
         "response_length/max": float(lengths.max()),
-        "response_length/truncated_fraction": float(
+        "rollout/truncated_fraction": float(
             np.mean([s.finish_reason == "length" for s in samples])),
+        "rollout/repeat_terminated_fraction": float(
+            np.mean([s.finish_reason == "repeat" for s in samples])),
         "length_penalty/weight": weight,
         "length_penalty/contribution": float(np.mean([weight * s.length_reward for s in samples])),
     }

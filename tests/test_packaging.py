@@ -72,3 +72,13 @@ def test_local_qwen2_directory_trains_on_a_problem_file(tmp_path):
     assert set(summary["eval_after"]) == {"1", "2"}
     reloaded = Qwen2ForCausalLM.from_pretrained(run / "hf_model")
     assert reloaded.config.model_type == "qwen2"
+
+
+def test_default_run_directory_is_made_under_runs(tmp_path):
+    """Without run_dir, the run (and Hydra's own files) go to runs/<date>/<time>/."""
+    cmd = [sys.executable, "-m", "kimi_rl.cli", "train", "iterations=0", "sft.enabled=false",
+           "sft.control=false", "eval.before=false", "eval.after=false", "progress=false",
+           "data.train_per_level=20", "data.test_per_level=2"]
+    subprocess.run(cmd, check=True, cwd=tmp_path, capture_output=True, text=True)
+    (run,) = (tmp_path / "runs").glob("*/*")
+    assert (run / "summary.json").is_file() and (run / ".hydra" / "config.yaml").is_file()
