@@ -11,8 +11,10 @@ from transformers import PreTrainedModel, PreTrainedTokenizerFast
 
 from kimi_rl.config import ModelConfig
 from kimi_rl.data import modsum
+from kimi_rl.data.problems import Problem
 from kimi_rl.data.tokenizer import char_tokenizer
 from kimi_rl.policy.model import tiny_model
+from kimi_rl.rollout.samples import Sample
 
 # Tiny matrices: one thread avoids OpenMP spin-waits that make each matmul cost
 # milliseconds on a shared 2-core machine. Results do not depend on it.
@@ -57,3 +59,22 @@ def make_model(tokenizer) -> Callable[..., PreTrainedModel]:
 @pytest.fixture
 def model(make_model) -> PreTrainedModel:
     return make_model(seed=0)
+
+
+@pytest.fixture
+def mixed_samples() -> Callable[[], list[Sample]]:
+    """Factory: two groups of four modsum responses ending in every way ("stop", "repeat",
+    "length"), correct and not, of various lengths; each call gives fresh, unscored ones."""
+    reasons = ["stop", "repeat", "length", "stop", "repeat", "repeat", "stop", "length"]
+    lengths = [10, 35, 60, 20, 40, 35, 12, 60]
+    correct = [1, 0, 0, 1, 1, 0, 0, 1]
+
+    def make() -> list[Sample]:
+        out = []
+        for j, (reason, n, ok) in enumerate(zip(reasons, lengths, correct, strict=True)):
+            problem = Problem(f"p{j // 4}", "a1\n", "1" if ok else "0", 1, "modsum")
+            out.append(Sample(problem, j // 4, [1], [4] * n, [0.0] * n, reason,
+                              text="a1=1\nanswer 1"))
+        return out
+
+    return make

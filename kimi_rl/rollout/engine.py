@@ -8,6 +8,8 @@ from typing import Protocol
 
 from torch import Tensor
 
+from ..rewards.repetition import RepeatDetection
+
 
 @dataclass
 class Request:
@@ -21,7 +23,9 @@ class Request:
 @dataclass
 class Segment:
     """Newly generated tokens, their sampling logprobs (log softmax of logits/temperature,
-    before top-p), and why generation ended: "stop" (EOS) or "length" (token limit)."""
+    before top-p), and why generation ended: "stop" (EOS), "repeat" (the response ends in
+    a loop, see `SamplingParams.repeat`) or "length" (token limit). A token that is both
+    the last one allowed and the one that closes a loop gives "repeat"."""
 
     tokens: list[int]
     logprobs: list[float]
@@ -34,9 +38,17 @@ class SamplingParams:
     top_p: float = 1.0
     greedy: bool = False
     seed: int | None = None  # a fixed seed for this call, apart from the engine's stream
+    # stop a response as soon as it ends in a loop (finish_reason "repeat"); the response
+    # is the request's prefix_ids plus the new tokens (the prompt is not looked at).
+    # None: no repeat detection.
+    repeat: RepeatDetection | None = None
 
 
 class RolloutEngine(Protocol):
+    """generate: one Segment per request, in order; `max_new_tokens` is one limit for all
+    or one per request. Sampling follows `params` (temperature, top_p, greedy, seed, and
+    repeat detection)."""
+
     def generate(self, requests: Sequence[Request], max_new_tokens: int | Sequence[int],
                  params: SamplingParams) -> list[Segment]: ...
 

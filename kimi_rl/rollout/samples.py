@@ -49,9 +49,20 @@ def generate_groups(engine: RolloutEngine, tokenizer: PreTrainedTokenizerBase,
 
 
 def score_groups(samples: Sequence[Sample], verify: Callable[[Problem, str], float],
-                 length_weight: float) -> None:
+                 length_weight: float, repeat_penalty: float = 0.0,
+                 truncated_reward: str = "verify") -> None:
     """Correctness from the verifier plus the weighted Kimi length reward, per group
-    (SPEC.md section 2). Fills correct, length_reward and reward in place."""
+    (SPEC.md section 2). Fills correct, length_reward and reward in place.
+
+    Every response is verified, a repeat-terminated one too (it seldom has a final
+    answer). A "repeat" response loses `repeat_penalty` besides (>= 0). A truncated one
+    ("length") is scored like any other with truncated_reward="verify"; with "zero" its
+    reward and length reward are 0 (`correct` still holds the verifier's result, and its
+    length still counts for the group's min and max lengths).
+    """
+    if truncated_reward not in ("verify", "zero"):
+        raise ValueError(f"truncated_reward: unknown value {truncated_reward!r} "
+                         "(choose from ['verify', 'zero'])")
     groups: dict[int, list[Sample]] = {}
     for s in samples:
         s.correct = verify(s.problem, s.text)
@@ -59,5 +70,10 @@ def score_groups(samples: Sequence[Sample], verify: Callable[[Problem, str], flo
     for members in groups.values():
         lens = length_rewards([len(s.tokens) for s in members], [s.correct == 1.0 for s in members])
         for s, lr in zip(members, lens, strict=True):
+            if truncated_reward == "zero" and s.finish_reason == "length":
+                s.length_reward = s.reward = 0.0
+                continue
             s.length_reward = lr
             s.reward = s.correct + length_weight * lr
+            if s.finish_reason == "repeat":
+                s.reward -= repeat_penalty

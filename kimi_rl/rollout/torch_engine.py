@@ -8,6 +8,7 @@ import torch
 from torch import Tensor
 from transformers import DynamicCache, PreTrainedModel
 
+from ..rewards.repetition import RepeatTracker
 from .engine import Request, SamplingParams, Segment
 
 
@@ -78,6 +79,8 @@ class TorchEngine:
             ids[i, L - len(c):] = torch.tensor(c)
             mask[i, L - len(c):] = 1
         pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        tracker = (RepeatTracker(params.repeat, B, [r.prefix_ids for r in requests])
+                   if params.repeat is not None else None)
         cache = DynamicCache()
         logits = self.model(input_ids=ids, attention_mask=mask, position_ids=pos,
                             past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
@@ -90,7 +93,13 @@ class TorchEngine:
             eos = tok == self.eos
             for i in active[eos].tolist():
                 reason[i] = "stop"
-            keep = ~eos & (lengths[active] < limit[active])
+            done = eos
+            if tracker is not None:
+                looped = tracker.push(active, tok) & ~eos
+                for i in active[looped].tolist():
+                    reason[i] = "repeat"
+                done = eos | looped
+            keep = ~done & (lengths[active] < limit[active])
             if not keep.any():
                 break
             if not keep.all():
