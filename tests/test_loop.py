@@ -185,7 +185,8 @@ PROMISED = [
     "response_length/max", "length_penalty/weight", "length_penalty/contribution",
     "loss/policy", "loss/penalty", "loss/total", "train/logratio/mean", "train/entropy",
     "train/grad_norm", "throughput/tokens_per_s", "time/rollout", "time/reward", "time/train",
-    "time/sync", "curriculum/stage", "curriculum/sampling_entropy",
+    "time/sync", "curriculum/stage", "curriculum/sampling_entropy", "rollout/max_new_tokens",
+    "rollout/truncated_fraction", "rollout/repeat_terminated_fraction",
 ]
 
 
@@ -205,6 +206,9 @@ def test_tensorboard_holds_the_promised_scalars(straight):
         assert s["response_length/mean"][it] <= s["response_length/max"][it] <= 24
         assert s["response_length/p90"][it] <= s["response_length/max"][it]
         assert s["train/grad_norm"][it] >= 0
+        assert s["rollout/max_new_tokens"][it] == 24
+        for tag in ("rollout/truncated_fraction", "rollout/repeat_terminated_fraction"):
+            assert 0 <= s[tag][it] <= 1, tag
         assert s["time/rollout"][it] > 0 and s["throughput/tokens_per_s"][it] > 0
         # length penalty: off for the warmup, then the configured weight
         assert s["length_penalty/weight"][it] == (0.0 if it < 3 else 0.5)
@@ -243,6 +247,24 @@ def test_summary_with_sft_control(tmp_path):
     assert on_disk["sft_control"] == json.loads(json.dumps(summary["sft_control"]))
     assert (tmp_path / "checkpoints" / "sft_start.pt").is_file()
     assert checkpoint.latest(tmp_path).name == "iter_000002.pt"
+
+
+def test_max_new_tokens_schedule_and_truncated_reward(tmp_path):
+    """The cap changes at iteration 1 as scheduled; truncated responses score 0."""
+    run(tmp_path, TINY + ["iterations=3", "checkpoint_every=3", "sft.enabled=false",
+                          "eval.before=false", "eval.after=false",
+                          # new keys of a dict need "+" or "++" under struct mode
+                          "++rollout.max_new_tokens_schedule={1:6,2:10}",
+                          "reward.truncated_reward=zero", "reward.repeat_penalty=0.5"])
+    s = scalars(tmp_path)
+    assert s["rollout/max_new_tokens"] == {0: 24, 1: 6, 2: 10}
+    for it, cap in s["rollout/max_new_tokens"].items():
+        assert s["response_length/max"][it] <= cap
+    # the untrained model seldom says EOS within 6 tokens: most responses are cut, and
+    # score 0 (the reward is never above 1 - truncated_fraction)
+    assert s["rollout/truncated_fraction"][1] > 0.5
+    for it in s["reward/mean"]:
+        assert s["reward/mean"][it] <= 1 - s["rollout/truncated_fraction"][it] + 1e-6
 
 
 @pytest.mark.parametrize("variant", [
