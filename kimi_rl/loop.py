@@ -227,7 +227,8 @@ def optimize(cfg: TrainConfig, policy, algo, samples: list[Sample], temperature:
     steps = []
     for _ in range(cfg.algo.epochs):
         for chunk in chunks:
-            members = [i for i, s in enumerate(samples) if s.group in set(chunk.tolist())]
+            in_chunk = set(chunk.tolist())
+            members = [i for i, s in enumerate(samples) if s.group in in_chunk]
             n_tokens = sum(len(responses[i]) for i in members)
 
             def loss_fn(lp, pb, members=members, n_tokens=n_tokens):
