@@ -82,3 +82,30 @@ def test_default_run_directory_is_made_under_runs(tmp_path):
     subprocess.run(cmd, check=True, cwd=tmp_path, capture_output=True, text=True)
     (run,) = (tmp_path / "runs").glob("*/*")
     assert (run / "summary.json").is_file() and (run / ".hydra" / "config.yaml").is_file()
+
+
+@pytest.mark.slow
+def test_sft_then_eval_commands(tmp_path):
+    """`kimi-rl sft` writes an HF model directory that `kimi-rl eval` evaluates; `kimi-rl
+    eval eval.checkpoint=<run>` evaluates a training run's latest checkpoint."""
+    small = ["data.train_per_level=30", "data.test_per_level=3", "model.hidden_size=32",
+             "model.num_layers=1", "model.num_heads=2", "model.num_kv_heads=2",
+             "model.intermediate_size=64", "num_threads=1", "progress=false",
+             "eval.max_new_tokens=16"]
+    cli = [sys.executable, "-m", "kimi_rl.cli"]
+
+    def run(*args):
+        subprocess.run([*cli, *args, *small], check=True, cwd=tmp_path, capture_output=True)
+
+    run("sft", "sft.steps=3", f"run_dir={tmp_path / 'sft'}")
+    run("eval", "model=hf", f"model.path={tmp_path / 'sft' / 'hf_model'}",
+        f"run_dir={tmp_path / 'ev1'}")
+    levels = {"1", "2", "3", "4", "5", "6"}
+    assert set(json.loads((tmp_path / "ev1" / "eval.json").read_text())["accuracy"]) == levels
+    run("train", "iterations=1", "sft.enabled=false", "sft.control=false",
+        "rollout.problems_per_iteration=2", "rollout.group_size=2",
+        "rollout.max_new_tokens=8", f"run_dir={tmp_path / 'rl'}")
+    run("eval", f"eval.checkpoint={tmp_path / 'rl'}", f"run_dir={tmp_path / 'ev2'}")
+    summary = json.loads((tmp_path / "rl" / "summary.json").read_text())
+    evaluated = json.loads((tmp_path / "ev2" / "eval.json").read_text())
+    assert evaluated["accuracy"] == summary["eval_after"]  # same weights, greedy
