@@ -179,6 +179,7 @@ class TrainConfig:
 
 
 TRUNCATED_REWARDS = ("verify", "zero")
+REF_LOGPROBS = ("trainer", "rollout")
 
 
 def check_config(cfg: TrainConfig) -> None:
@@ -203,6 +204,8 @@ def check_config(cfg: TrainConfig) -> None:
     require("reward.repeat_penalty", rw.repeat_penalty,
             math.isfinite(rw.repeat_penalty) and rw.repeat_penalty >= 0,
             "a number >= 0 (it is subtracted from the reward)")
+    require("algo.ref_logprobs", cfg.algo.ref_logprobs, cfg.algo.ref_logprobs in REF_LOGPROBS,
+            f"one of {list(REF_LOGPROBS)}")
     require("reward.truncated_reward", rw.truncated_reward,
             rw.truncated_reward in TRUNCATED_REWARDS, f"one of {list(TRUNCATED_REWARDS)}")
 

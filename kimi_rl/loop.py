@@ -60,7 +60,9 @@ def train(cfg: TrainConfig, run_dir: str | Path) -> dict:
     by_id = {p.id: p for p in task.train}
     params = SamplingParams(cfg.rollout.temperature, cfg.rollout.top_p,
                             repeat=repeat_detection(cfg.rollout))
-    demos = encode_demos(tokenizer, task.demonstrations(cfg.data.check_prob, cfg.seed))
+    demo_pairs = task.demonstrations(cfg.data.check_prob, cfg.seed)
+    demos = encode_demos(tokenizer, demo_pairs)
+    demo_counts = dict(Counter(p.level for p, _ in demo_pairs))
 
     def run_eval(title: str, key: str) -> dict[int, float]:
         """Greedy held-out accuracy per level, and (sampled) lengths of correct responses."""
@@ -131,7 +133,7 @@ def train(cfg: TrainConfig, run_dir: str | Path) -> dict:
     save_hf(policy, tokenizer, run_dir / "hf_model")
     if cfg.sft.enabled and cfg.sft.control:
         sft_control(cfg, run_dir, policy, engine, demos, summary["rl_seconds"], run_eval, log)
-    summary.update(demo_summary(cfg, task, summary))
+    summary.update(demo_summary(cfg, task, summary, demo_counts))
     summary["iterations"] = cfg.iterations
     summary["wall_seconds"] = wall0 + time.perf_counter() - t_start
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
@@ -206,20 +208,16 @@ def optimize(cfg: TrainConfig, policy, algo, samples: list[Sample], temperature:
     metrics: dict[str, float] = {}
     if cfg.algo.ref_logprobs == "trainer":
         ref = [None] * len(samples)
-        ents = []
         for pb in pack(prompts, responses, mb_tokens):
-            lp, ent = policy.logprobs(pb, temperature)
-            ents.append(ent)
-            for j, i in enumerate(pb.seq_ids):
-                ref[i] = lp[pb.seq_index == j]
+            lp, _ = policy.logprobs(pb, temperature)
+            counts = torch.bincount(pb.seq_index, minlength=len(pb.seq_ids)).tolist()
+            for i, part in zip(pb.seq_ids, lp.split(counts), strict=True):  # targets in order
+                ref[i] = part
         diff = torch.cat([r - q for r, q in zip(ref, rollout_lp, strict=True)])
         metrics["logprob/train_infer_abs_mean"] = float(diff.abs().mean())
         metrics["logprob/train_infer_abs_max"] = float(diff.abs().max())
-    elif cfg.algo.ref_logprobs == "rollout":
+    else:  # "rollout" (check_config allows no other value)
         ref = rollout_lp
-    else:
-        raise ValueError(f"algo.ref_logprobs: unknown source {cfg.algo.ref_logprobs!r} "
-                         "(choose from ['trainer', 'rollout'])")
     if cfg.algo.reset_optimizer:
         policy.reset_optimizer()
     groups = sorted({s.group for s in samples})
@@ -280,16 +278,14 @@ def sft_control(cfg, run_dir, policy, engine, demos, seconds, run_eval, log) -> 
     run_eval("SFT control", "sft_control")
 
 
-def demo_summary(cfg: TrainConfig, task, summary: dict) -> dict:
+def demo_summary(cfg: TrainConfig, task, summary: dict, demo_counts: dict[int, int]) -> dict:
     """Which levels RL trained on and had demonstrations for, and lengths of correct
     responses (held-out, sampled) at the end of the length-penalty warmup and at the end."""
     trained = sorted({int(lv) for st in cfg.curriculum.stages for lv, w in st.levels.items()
                       if w > 0} or set(task.levels))
     out = {"trained_levels": trained,
-           "demonstrated_levels": sorted(int(lv) for lv, n in cfg.data.demos.items() if n > 0)
-           if cfg.sft.enabled else [],
-           "demonstrations": dict(Counter(p.level for p, _ in
-                                          task.demonstrations(cfg.data.check_prob, cfg.seed)))}
+           "demonstrated_levels": sorted(demo_counts) if cfg.sft.enabled else [],
+           "demonstrations": demo_counts}
 
     lengths = summary.get("correct_length", {})
     for key, name in (("eval_warmup_end", "correct_length_at_warmup_end"),

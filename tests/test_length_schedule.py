@@ -81,6 +81,7 @@ def test_defaults_pass_the_checks():
     ("reward.repeat_penalty", -0.5),
     ("reward.repeat_penalty", float("nan")),
     ("reward.truncated_reward", "drop"),
+    ("algo.ref_logprobs", "sampler"),
 ])
 def test_bad_values_name_the_key(key, value):
     with pytest.raises(ValueError, match=key.replace(".", r"\.")):

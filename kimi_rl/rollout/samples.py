@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 from transformers import PreTrainedTokenizerBase
 
+from ..config import TRUNCATED_REWARDS
 from ..data.problems import Problem
 from ..rewards.length import length_rewards
 from .engine import Request, RolloutEngine, SamplingParams
@@ -60,9 +61,9 @@ def score_groups(samples: Sequence[Sample], verify: Callable[[Problem, str], flo
     reward and length reward are 0 (`correct` still holds the verifier's result, and its
     length still counts for the group's min and max lengths).
     """
-    if truncated_reward not in ("verify", "zero"):
+    if truncated_reward not in TRUNCATED_REWARDS:
         raise ValueError(f"truncated_reward: unknown value {truncated_reward!r} "
-                         "(choose from ['verify', 'zero'])")
+                         f"(choose from {list(TRUNCATED_REWARDS)})")
     groups: dict[int, list[Sample]] = {}
     for s in samples:
         s.correct = verify(s.problem, s.text)
