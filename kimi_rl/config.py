@@ -65,6 +65,26 @@ class BackendConfig:
 
 
 @dataclass
+class PartialConfig:
+    """Partial rollouts (SPEC.md section 4). Off: every response is generated to its end
+    within its iteration (synchronous rollouts)."""
+
+    enabled: bool = False
+    # new tokens each trajectory may generate per iteration; a trajectory that reaches it
+    # unfinished is parked in the replay buffer and continued in the next iteration
+    budget: int = 8192
+    # which tokens count in the loss: "recent" (those generated at most max_segment_age
+    # iterations before the update; 0 = only this iteration's) | "all"
+    loss_segments: str = "recent"
+    max_segment_age: int = 2
+    # an unfinished trajectory whose first segment is max_trajectory_age iterations old is
+    # dropped (with its group; the problem can be sampled again) or regenerated from its
+    # prompt; max_trajectory_age * budget must reach the max response length
+    max_trajectory_age: int = 8
+    stale_trajectories: str = "regenerate"  # regenerate | drop
+
+
+@dataclass
 class RolloutConfig:
     """Rollout engine and sampling."""
 
@@ -86,6 +106,7 @@ class RolloutConfig:
     repeat_max_period: int = 64
     repeat_min_repeats: int = 4
     repeat_min_tokens: int = 32
+    partial: PartialConfig = field(default_factory=PartialConfig)
 
 
 @dataclass
@@ -180,6 +201,8 @@ class TrainConfig:
 
 TRUNCATED_REWARDS = ("verify", "zero")
 REF_LOGPROBS = ("trainer", "rollout")
+LOSS_SEGMENTS = ("recent", "all")
+STALE_TRAJECTORIES = ("regenerate", "drop")
 
 
 def check_config(cfg: TrainConfig) -> None:
@@ -208,6 +231,22 @@ def check_config(cfg: TrainConfig) -> None:
             f"one of {list(REF_LOGPROBS)}")
     require("reward.truncated_reward", rw.truncated_reward,
             rw.truncated_reward in TRUNCATED_REWARDS, f"one of {list(TRUNCATED_REWARDS)}")
+    pr = ro.partial
+    if pr.enabled:
+        require("rollout.partial.budget", pr.budget, pr.budget >= 1, "an integer >= 1")
+        require("rollout.partial.loss_segments", pr.loss_segments,
+                pr.loss_segments in LOSS_SEGMENTS, f"one of {list(LOSS_SEGMENTS)}")
+        require("rollout.partial.max_segment_age", pr.max_segment_age,
+                pr.max_segment_age >= 0, "an integer >= 0")
+        require("rollout.partial.stale_trajectories", pr.stale_trajectories,
+                pr.stale_trajectories in STALE_TRAJECTORIES,
+                f"one of {list(STALE_TRAJECTORIES)}")
+        longest = max([ro.max_new_tokens, *ro.max_new_tokens_schedule.values()])
+        require("rollout.partial.max_trajectory_age", pr.max_trajectory_age,
+                pr.max_trajectory_age * pr.budget >= longest,
+                f"at least {-(-longest // pr.budget)} (max_trajectory_age * budget "
+                f"= {pr.max_trajectory_age} * {pr.budget} must reach the longest max response "
+                f"length, {longest} tokens, or such responses can never finish)")
 
 
 def register_configs() -> None:

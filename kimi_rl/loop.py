@@ -9,6 +9,10 @@ Choices, and why:
   end in a loop are stopped early ("repeat", optionally penalised), and the max response
   length can grow by a schedule (truncated responses: verified, or reward 0).
 - Problems come from the curriculum sampler (easy -> hard) with prioritized re-sampling.
+- Partial rollouts (SPEC.md section 4), when on: each trajectory generates at most a token
+  budget per iteration, unfinished ones wait in a replay buffer and continue next
+  iteration, and a group trains only once its k responses are finished; tokens from
+  older iterations can be masked out of the loss by age.
 - Optional SFT cold start on chain-of-thought demonstrations, and an SFT control that
   spends RL's wall time on more supervised training, so the demo shows what RL adds.
 """
@@ -38,7 +42,8 @@ from .rewards.length import length_penalty_weight
 from .rewards.repetition import RepeatDetection
 from .rewards.verify import get_verifier
 from .rollout.engine import SamplingParams
-from .rollout.samples import Sample, generate_groups, score_groups
+from .rollout.partial import PartialRollouts, StepStats
+from .rollout.samples import Sample, score_groups
 from .sft import encode_demos, run_sft
 
 
@@ -58,6 +63,7 @@ def train(cfg: TrainConfig, run_dir: str | Path) -> dict:
     sampler = build_sampler(cfg, task)
     algo = get_algorithm(cfg.algo.name)
     by_id = {p.id: p for p in task.train}
+    rollouts = build_rollouts(cfg)
     params = SamplingParams(cfg.rollout.temperature, cfg.rollout.top_p,
                             repeat=repeat_detection(cfg.rollout))
     demo_pairs = task.demonstrations(cfg.data.check_prob, cfg.seed)
@@ -84,6 +90,7 @@ def train(cfg: TrainConfig, run_dir: str | Path) -> dict:
         engine.update_weights(policy.export_weights())
         engine.load_state_dict(state["engine"])
         sampler.load_state_dict(state["sampler"])
+        rollouts.load_state_dict(state["rollouts"], by_id)
         checkpoint.set_rng_state(state["rng"])
         summary, start = state["summary"], state["iteration"]
     wall0 = summary["wall_seconds"]  # time spent by earlier processes of this run
@@ -113,19 +120,21 @@ def train(cfg: TrainConfig, run_dir: str | Path) -> dict:
             run_eval(f"warmup end, it {it}", "eval_warmup_end")
         t0 = time.perf_counter()
         metrics = rl_iteration(it, cfg, policy, engine, sampler, algo, tokenizer, by_id, params,
-                               log)
+                               rollouts, log)
         summary["rl_seconds"] += time.perf_counter() - t0
         if cfg.eval.every and (it + 1) % cfg.eval.every == 0:
             ev = run_eval(f"it {it + 1}", f"eval_it{it + 1}")
             metrics.update({f"eval/accuracy_L{lv}": a for lv, a in ev.items()})
         log.scalars(metrics, it)
-        log.step({"reward": metrics["reward/mean"], "acc": metrics["accuracy/train"],
-                  "len": metrics["response_length/mean"]})
+        log.step({k: metrics[m] for k, m in (("reward", "reward/mean"),
+                                             ("acc", "accuracy/train"),
+                                             ("len", "response_length/mean")) if m in metrics})
         if (it + 1) % cfg.checkpoint_every == 0 or it + 1 == cfg.iterations:
             summary["wall_seconds"] = wall0 + time.perf_counter() - t_start
             checkpoint.save(run_dir, f"iter_{it + 1:06d}", {
                 "iteration": it + 1, "policy": policy.state_dict(), "engine": engine.state_dict(),
-                "sampler": sampler.state_dict(), "rng": checkpoint.rng_state(),
+                "sampler": sampler.state_dict(), "rollouts": rollouts.state_dict(),
+                "rng": checkpoint.rng_state(),
                 "summary": summary, "config": OmegaConf.to_container(cfg)})
 
     if cfg.eval.after:
@@ -141,13 +150,17 @@ def train(cfg: TrainConfig, run_dir: str | Path) -> dict:
     return summary
 
 
-def rl_iteration(it, cfg, policy, engine, sampler, algo, tokenizer, by_id, params, log) -> dict:
-    """One iteration: sample problems, roll out, score, update stats, optimize, sync."""
+def rl_iteration(it, cfg, policy, engine, sampler, algo, tokenizer, by_id, params, rollouts,
+                 log) -> dict:
+    """One iteration: sample problems, roll out, score the finished groups, update stats,
+    optimize, sync. With partial rollouts an iteration may finish no group: then it only
+    generates."""
     t0 = time.perf_counter()
-    ids = sampler.sample(cfg.rollout.problems_per_iteration, it)
     cap = max_new_tokens_at(cfg.rollout, it)
-    samples = generate_groups(engine, tokenizer, [by_id[i] for i in ids], cfg.rollout.group_size,
-                              cap, params)
+    ids = sampler.sample(rollouts.new_groups_wanted(), it, exclude=rollouts.problems_in_flight())
+    rollouts.add_groups([by_id[i] for i in ids], tokenizer, it)
+    samples, step = rollouts.step(engine, it, cap, params,
+                                  lambda t: tokenizer.decode(t, skip_special_tokens=True))
     t1 = time.perf_counter()
     weight = length_penalty_weight(it, cfg.reward.length_penalty_weight,
                                    cfg.reward.length_penalty_warmup)
@@ -156,27 +169,85 @@ def rl_iteration(it, cfg, policy, engine, sampler, algo, tokenizer, by_id, param
                      cfg.reward.repeat_penalty, cfg.reward.truncated_reward)
     sampler.update((s.problem.id, s.correct) for s in samples)
     t2 = time.perf_counter()
-    train_metrics = optimize(cfg, policy, algo, samples, params.temperature)
+    masks = loss_masks(cfg.rollout, samples, it)
+    train_metrics = optimize(cfg, policy, algo, samples, masks, params.temperature, it)
     t3 = time.perf_counter()
-    engine.update_weights(policy.export_weights())
+    if train_metrics.get("train/optimizer_steps"):
+        engine.update_weights(policy.export_weights())
     t4 = time.perf_counter()
 
-    m = rollout_metrics(samples, weight)
+    m = rollout_metrics(samples, weight) if samples else {}
     m["rollout/max_new_tokens"] = cap
+    m.update(partial_metrics(step, samples, masks, it))
     m.update(train_metrics)
-    gen_tokens = sum(len(s.tokens) for s in samples)
     m.update({
         "time/rollout": t1 - t0, "time/reward": t2 - t1, "time/train": t3 - t2,
         "time/sync": t4 - t3, "time/iteration": t4 - t0,
-        "throughput/rollout_tokens_per_s": gen_tokens / max(t1 - t0, 1e-9),
-        "throughput/tokens_per_s": gen_tokens / max(t4 - t0, 1e-9),
+        "throughput/rollout_tokens_per_s": step.generated_tokens / max(t1 - t0, 1e-9),
+        "throughput/tokens_per_s": step.generated_tokens / max(t4 - t0, 1e-9),
+        "throughput/trained_tokens_per_s": m["partial/trained_tokens"] / max(t4 - t0, 1e-9),
         "curriculum/stage": sampler.stage_index(it),
         "curriculum/sampling_entropy": sampler.sampling_entropy(it),
     })
+    if samples and any(s.segments for s in samples):
+        ages = [it - v for s in samples for v in s.token_iterations()]
+        if ages:
+            log.histogram("partial/token_age", ages, it)
     k = cfg.rollout.group_size
     for j, s in enumerate(samples[: cfg.log_samples * k: k]):  # one per problem
         log.text(f"samples/{j}", f"prompt: {s.problem.prompt!r}\n\nresponse: {s.text!r}\n\n"
                  f"reward {s.reward:.3f} (correct {s.correct:.0f})", it)
+    return m
+
+
+def build_rollouts(cfg: TrainConfig) -> PartialRollouts:
+    """The trajectories in flight: with rollout.partial off, none outlive their iteration."""
+    pr = cfg.rollout.partial
+    return PartialRollouts(
+        cfg.rollout.group_size, cfg.rollout.problems_per_iteration * cfg.rollout.group_size,
+        budget=pr.budget if pr.enabled else None,
+        max_trajectory_age=pr.max_trajectory_age if pr.enabled else None,
+        stale=pr.stale_trajectories)
+
+
+def loss_masks(rollout: RolloutConfig, samples: list[Sample], it: int) -> list[list[bool]]:
+    """Per response token: does it count in the loss at iteration `it`? With partial
+    rollouts and loss_segments="recent", only tokens generated at most max_segment_age
+    iterations ago do (SPEC.md section 4); otherwise all."""
+    pr = rollout.partial
+    if not (pr.enabled and pr.loss_segments == "recent"):
+        return [[True] * len(s.tokens) for s in samples]
+    return [[it - v <= pr.max_segment_age for v in s.token_iterations()] for s in samples]
+
+
+def partial_metrics(step: StepStats, samples: list[Sample], masks: list[list[bool]],
+                    it: int) -> dict[str, float]:
+    """Replay buffer, carried-over work, segments, token ages and the masked share."""
+    tokens = sum(len(m) for m in masks)
+    trained = sum(sum(m) for m in masks)
+    m = {
+        "partial/buffer_size": step.buffered,
+        "partial/buffer_tokens": step.buffered_tokens,
+        "partial/waiting_for_group": step.waiting,
+        "partial/groups_in_flight": step.groups_in_flight,
+        "partial/continued": step.continued,
+        "partial/carried_tokens": step.carried_tokens,
+        "partial/groups_finished": step.groups_finished,
+        "partial/dropped_groups": step.dropped_groups,
+        "partial/regenerated": step.regenerated,
+        "partial/trained_tokens": trained,
+        "rollout/requests": step.requests, "rollout/generated_tokens": step.generated_tokens,
+        "rollout/idle_fraction": step.idle_fraction,
+    }
+    if samples:
+        ages = np.array([it - v for s in samples for v in s.token_iterations()] or [0])
+        m.update({
+            "partial/segments_per_trajectory": float(np.mean([len(s.segments)
+                                                              for s in samples])),
+            "partial/masked_fraction": 1.0 - trained / tokens if tokens else 0.0,
+            "partial/token_age_mean": float(ages.mean()),
+            "partial/token_age_max": float(ages.max()),
+        })
     return m
 
 
@@ -196,27 +267,52 @@ def repeat_detection(rollout: RolloutConfig) -> RepeatDetection | None:
                            rollout.repeat_min_tokens)
 
 
-def optimize(cfg: TrainConfig, policy, algo, samples: list[Sample], temperature: float) -> dict:
+def optimize(cfg: TrainConfig, policy, algo, samples: list[Sample], masks: list[list[bool]],
+             temperature: float, it: int) -> dict:
     """Reference logprobs of pi_theta_i, then the configured optimizer steps on the loss
-    (SPEC.md section 1): `minibatches` steps per epoch over the iteration's groups."""
+    (SPEC.md section 1): `minibatches` steps per epoch over the iteration's groups.
+
+    Only tokens whose `masks` entry is True enter the loss (and the reference pass); every
+    sample still counts in its group's baseline and in the per-sequence normalisation.
+    """
+    metrics: dict[str, float] = {}
+    counted = [i for i, m in enumerate(masks) if any(m)]
+    if not counted:
+        return metrics
     mb_tokens = cfg.backend.micro_batch_tokens
     prompts = [s.prompt_ids for s in samples]
     responses = [s.tokens for s in samples]
+    versions = [s.token_iterations() for s in samples]
     rewards = torch.tensor([s.reward for s in samples])
     adv = algo.advantages(rewards, torch.tensor([s.group for s in samples]), cfg.algo)
-    rollout_lp = [torch.tensor(s.logprobs) for s in samples]
-    metrics: dict[str, float] = {}
+    rollout_lp = [torch.tensor(s.logprobs)[torch.tensor(m, dtype=torch.bool)]
+                  for s, m in zip(samples, masks, strict=True)]
+
+    def packed(idx: list[int]):
+        return pack([prompts[i] for i in idx], [responses[i] for i in idx], mb_tokens,
+                    loss_masks=[masks[i] for i in idx], versions=[versions[i] for i in idx])
+
     if cfg.algo.ref_logprobs == "trainer":
-        ref = [None] * len(samples)
-        for pb in pack(prompts, responses, mb_tokens):
+        ref = list(rollout_lp)
+        fresh, older = [], []
+        for pb in packed(counted):
             lp, _ = policy.logprobs(pb, temperature)
             counts = torch.bincount(pb.seq_index, minlength=len(pb.seq_ids)).tolist()
-            for i, part in zip(pb.seq_ids, lp.split(counts), strict=True):  # targets in order
+            parts = zip(pb.seq_ids, lp.split(counts), pb.target_versions.split(counts),
+                        strict=True)
+            for j, part, vers in parts:  # targets in order
+                i = counted[j]
                 ref[i] = part
-        diff = torch.cat([r - q for r, q in zip(ref, rollout_lp, strict=True)])
-        metrics["logprob/train_infer_abs_mean"] = float(diff.abs().mean())
-        metrics["logprob/train_infer_abs_max"] = float(diff.abs().max())
-    else:  # "rollout" (check_config allows no other value)
+                diff = (part - rollout_lp[i]).abs()
+                fresh.append(diff[vers == it])  # sampled by pi_theta_i itself
+                older.append(diff[vers != it])  # sampled by earlier policies
+        fresh_t, older_t = torch.cat(fresh), torch.cat(older)
+        if fresh_t.numel():
+            metrics["logprob/train_infer_abs_mean"] = float(fresh_t.mean())
+            metrics["logprob/train_infer_abs_max"] = float(fresh_t.max())
+        if older_t.numel():  # policy drift since those tokens were sampled
+            metrics["logprob/stale_abs_mean"] = float(older_t.mean())
+    else:  # "rollout" (check_config allows no other value): what sampled each token
         ref = rollout_lp
     if cfg.algo.reset_optimizer:
         policy.reset_optimizer()
@@ -227,17 +323,19 @@ def optimize(cfg: TrainConfig, policy, algo, samples: list[Sample], temperature:
         for chunk in chunks:
             in_chunk = set(chunk.tolist())
             members = [i for i, s in enumerate(samples) if s.group in in_chunk]
-            n_tokens = sum(len(responses[i]) for i in members)
+            trained = [i for i in members if any(masks[i])]
+            if not trained:
+                continue
+            n_seqs, n_tokens = len(members), sum(sum(masks[i]) for i in trained)
 
-            def loss_fn(lp, pb, members=members, n_tokens=n_tokens):
-                idx = [members[j] for j in pb.seq_ids]
+            def loss_fn(lp, pb, trained=trained, n_seqs=n_seqs, n_tokens=n_tokens):
+                idx = [trained[j] for j in pb.seq_ids]
                 batch = LossBatch(lp, torch.cat([ref[i] for i in idx]), pb.seq_index, adv[idx],
-                                  len(members), n_tokens)
+                                  n_seqs, n_tokens)
                 return algo.loss(batch, cfg.algo)
 
-            micro = pack([prompts[i] for i in members], [responses[i] for i in members], mb_tokens)
-            steps.append(policy.train_step(micro, loss_fn, temperature))
-    for k in steps[0]:
+            steps.append(policy.train_step(packed(trained), loss_fn, temperature))
+    for k in steps[0] if steps else ():
         metrics[f"train/{k}" if not k.startswith("loss/") else k] = float(
             np.mean([s[k] for s in steps]))
     metrics["train/optimizer_steps"] = len(steps)
@@ -252,6 +350,8 @@ def rollout_metrics(samples: list[Sample], weight: float) -> dict[str, float]:
         "response_length/mean": float(lengths.mean()),
         "response_length/p90": float(np.percentile(lengths, 90)),
         "response_length/max": float(lengths.max()),
+        "rollout/truncated": sum(s.finish_reason == "length" for s in samples),
+        "rollout/repeat_terminated": sum(s.finish_reason == "repeat" for s in samples),
         "rollout/truncated_fraction": float(
             np.mean([s.finish_reason == "length" for s in samples])),
         "rollout/repeat_terminated_fraction": float(

@@ -303,3 +303,64 @@ def test_unknown_key_is_named(tmp_path, key):
     assert res.returncode != 0
     assert key.rsplit(".", 1)[-1] in res.stdout, res.stdout[-3000:]
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").rglob("*.pt"))
+
+
+# partial rollouts: 6 new tokens per trajectory per iteration, responses up to 24
+PARTIAL = RESUMABLE + ["rollout.partial.enabled=true", "rollout.partial.budget=6",
+                       "rollout.partial.max_trajectory_age=4",
+                       "rollout.partial.max_segment_age=1", "eval.before=false",
+                       "eval.after=false", "eval.at_warmup_end=false"]
+
+
+def test_partial_rollouts_train_whole_groups_and_resume(tmp_path, monkeypatch):
+    """With partial rollouts the loss only ever sees whole, finished groups (each once);
+    the replay buffer is in the checkpoint, and a run resumed from iteration 3 continues
+    the same parked trajectories: same scalars and final weights as the straight run."""
+    import kimi_rl.loop as loop
+
+    trained: list[list] = []
+    original = loop.optimize
+
+    def recording(cfg, policy, algo, samples, masks, temperature, it):
+        trained.append([(s.problem.id, s.group, s.finish_reason, len(s.segments))
+                        for s in samples])
+        return original(cfg, policy, algo, samples, masks, temperature, it)
+
+    monkeypatch.setattr(loop, "optimize", recording)
+    a_dir = tmp_path / "straight"
+    run(a_dir, PARTIAL + [f"run_dir={a_dir}"])
+    groups: dict[int, list] = {}
+    for batch in trained:
+        batch_groups = {g for _, g, _, _ in batch}
+        assert not batch_groups & set(groups), "a group was trained twice"
+        for pid, g, reason, _ in batch:
+            groups.setdefault(g, []).append((pid, reason))
+    assert groups
+    for members in groups.values():
+        assert len(members) == 4 and len({pid for pid, _ in members}) == 1
+        assert all(reason in ("stop", "length", "repeat") for _, reason in members)
+    assert max(n for batch in trained for *_, n in batch) > 1, "nothing spanned iterations"
+
+    state = checkpoint.load(a_dir / "checkpoints" / "iter_000003.pt")["rollouts"]
+    parked = [t for g in state["groups"] for t in g if t["finish_reason"] is None]
+    assert parked, "the checkpoint should hold parked trajectories"
+    s = scalars(a_dir)
+    for tag in ("partial/buffer_size", "partial/carried_tokens", "partial/masked_fraction",
+                "partial/segments_per_trajectory", "rollout/idle_fraction",
+                "partial/token_age_mean", "throughput/trained_tokens_per_s"):
+        assert tag in s, tag
+    assert s["partial/buffer_size"][2] == len(parked)
+    assert 0 < max(s["partial/masked_fraction"].values()) < 1
+    assert "partial/token_age" in events(a_dir).Tags()["histograms"]
+
+    monkeypatch.setattr(loop, "optimize", original)
+    b_dir = tmp_path / "resumed"
+    shutil.copytree(a_dir, b_dir)
+    (b_dir / "checkpoints" / "latest").write_text("iter_000003.pt")
+    run(b_dir, PARTIAL + [f"run_dir={b_dir}", f"resume={b_dir}"])
+    a_s, b_s = scalars(a_dir), scalars(b_dir)
+    for tag in a_s:
+        if not tag.startswith(CLOCK):
+            assert a_s[tag] == b_s[tag], tag
+    for name, t in final_weights(a_dir).items():
+        assert torch.equal(final_weights(b_dir)[name], t), name

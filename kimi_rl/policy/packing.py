@@ -23,6 +23,8 @@ class PackedBatch:
     seq_index: Tensor  # [N] local sequence index (0..S-1) of each of those tokens
     seq_ids: list[int]  # the caller's indices of the S sequences in this batch
     num_tokens: int  # real (non-padding) tokens
+    # [N] per target token, the iteration (policy version) that generated it, when known
+    target_versions: Tensor | None = None
 
     @property
     def targets(self) -> Tensor:
@@ -52,10 +54,12 @@ def pack(
     loss_masks: Sequence[Sequence[bool]] | None = None,
     row_tokens: int = 0,
     pad_id: int = 0,
+    versions: Sequence[Sequence[int]] | None = None,
 ) -> list[PackedBatch]:
     """Pack prompt+response sequences into micro-batches of at most `max_tokens` row
     tokens (at least one row each). Targets are the response tokens, or those whose
-    `loss_masks` entry is True. Sequences must have a non-empty prompt."""
+    `loss_masks` entry is True. Sequences must have a non-empty prompt. `versions` (one
+    per response token: the iteration that generated it) travel with the targets."""
     lengths = [len(p) + len(r) for p, r in zip(prompts, responses, strict=True)]
     if not lengths:
         return []
@@ -69,6 +73,7 @@ def pack(
         pos = torch.zeros((len(batch_rows), row_len), dtype=torch.long)
         tgt: list[int] = []
         seq: list[int] = []
+        vers: list[int] = []
         seq_ids: list[int] = []
         for r, members in enumerate(batch_rows):
             at = 0
@@ -80,6 +85,11 @@ def pack(
                 if len(mask) != len(resp):
                     raise ValueError(f"loss mask of sequence {i} has {len(mask)} entries "
                                      f"for {len(resp)} tokens")
+                if versions is not None:
+                    if len(versions[i]) != len(resp):
+                        raise ValueError(f"versions of sequence {i} have {len(versions[i])} "
+                                         f"entries for {len(resp)} tokens")
+                    vers += [v for v, m in zip(versions[i], mask, strict=True) if m]
                 n = len(p) + len(resp)
                 ids[r, at:at + n] = torch.tensor(list(p) + list(resp))
                 pos[r, at:at + n] = torch.arange(n)
@@ -94,5 +104,7 @@ def pack(
             target_index=torch.tensor(tgt, dtype=torch.long),
             seq_index=torch.tensor(seq, dtype=torch.long),
             seq_ids=seq_ids, num_tokens=sum(lengths[i] for row in batch_rows for i in row),
+            target_versions=(torch.tensor(vers, dtype=torch.long) if versions is not None
+                             else None),
         ))
     return batches

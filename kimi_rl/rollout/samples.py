@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from transformers import PreTrainedTokenizerBase
 
@@ -15,18 +15,33 @@ from .engine import Request, RolloutEngine, SamplingParams
 
 @dataclass
 class Sample:
-    """One trajectory: a response to a problem, in group `group` of its iteration."""
+    """One trajectory: a response to a problem, in group `group` (k per problem).
+
+    A trajectory generated across iterations (partial rollouts) has several segments:
+    `segments` lists (iteration that generated it, number of tokens) in order; `tokens`
+    and `logprobs` are all segments end to end. finish_reason is None while unfinished.
+    """
 
     problem: Problem
     group: int
     prompt_ids: list[int]
     tokens: list[int]
     logprobs: list[float]  # sampling logprobs from the rollout engine
-    finish_reason: str
+    finish_reason: str | None
     text: str = ""
     correct: float = 0.0
     length_reward: float = 0.0
     reward: float = 0.0
+    segments: list[tuple[int, int]] = field(default_factory=list)
+    started: int = 0  # iteration of the first segment
+
+    def token_iterations(self) -> list[int]:
+        """The iteration (policy version) that generated each token."""
+        out = [iteration for iteration, n in self.segments for _ in range(n)]
+        if len(out) != len(self.tokens):
+            raise ValueError(f"sample of problem {self.problem.id!r}: segments cover "
+                             f"{len(out)} tokens, it has {len(self.tokens)}")
+        return out
 
 
 def encode_prompt(tokenizer: PreTrainedTokenizerBase, problem: Problem) -> list[int]:

@@ -1,0 +1,184 @@
+"""Partial rollouts (SPEC.md section 4): a per-iteration token budget per trajectory, a
+replay buffer of unfinished trajectories, and groups that train only when complete.
+
+Each iteration the loop asks `PartialRollouts` how many new groups fit the batch, samples
+that many problems (none of those already in flight) and calls `step`, which
+
+1. drops or regenerates unfinished trajectories that have reached `max_trajectory_age`,
+2. sends the engine the buffered continuations first (prompt + tokens so far), then the
+   new groups, each allowed min(budget, cap - tokens so far) new tokens,
+3. appends each new segment (tokens, sampling logprobs, this iteration) to its trajectory;
+   a trajectory is finished by EOS, repeat detection or the max response length `cap`,
+   and parked in the buffer when only the budget stopped it,
+4. returns the groups whose k trajectories are all finished; the others wait.
+
+With `budget=None` every trajectory runs to the end in its first iteration: synchronous
+rollouts, the same code path.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from transformers import PreTrainedTokenizerBase
+
+from ..data.problems import Problem
+from .engine import Request, RolloutEngine, SamplingParams
+from .samples import Sample, encode_prompt
+
+STALE_ACTIONS = ("drop", "regenerate")
+
+
+@dataclass
+class StepStats:
+    """What one `step` did, for logging."""
+
+    requests: int = 0  # trajectories the engine worked on
+    continued: int = 0  # of them, continuations of buffered trajectories
+    generated_tokens: int = 0
+    carried_tokens: int = 0  # tokens of the continued trajectories, generated earlier
+    idle_fraction: float = 0.0  # 1 - generated / (requests * longest segment)
+    dropped_groups: int = 0
+    regenerated: int = 0
+    groups_finished: int = 0
+    buffered: int = 0  # unfinished trajectories parked after this step
+    buffered_tokens: int = 0  # their tokens so far
+    waiting: int = 0  # finished trajectories waiting for the rest of their group
+    groups_in_flight: int = 0
+
+
+@dataclass
+class PartialRollouts:
+    """Trajectories in flight between iterations, grouped by problem (k per group).
+
+    slots: trajectories generated per iteration (problems_per_iteration * k); new groups
+    fill what the buffered continuations leave. budget: new tokens per trajectory per
+    iteration (None: no limit). max_trajectory_age: an unfinished trajectory whose first
+    segment is this many iterations old is handled by `stale` ("drop": its whole group is
+    dropped and its problem may be sampled again; "regenerate": it restarts from the
+    prompt). None: no limit.
+    """
+
+    group_size: int
+    slots: int
+    budget: int | None = None
+    max_trajectory_age: int | None = None
+    stale: str = "regenerate"
+    groups: dict[int, list[Sample]] = field(default_factory=dict)  # in flight, oldest first
+    next_group: int = 0
+
+    def __post_init__(self) -> None:
+        if self.stale not in STALE_ACTIONS:
+            raise ValueError(f"stale trajectories: unknown action {self.stale!r} "
+                             f"(choose from {list(STALE_ACTIONS)})")
+        if self.budget is not None and self.budget < 1:
+            raise ValueError(f"partial rollout budget must be >= 1, got {self.budget}")
+
+    def unfinished(self) -> list[Sample]:
+        return [s for g in self.groups.values() for s in g if s.finish_reason is None]
+
+    def new_groups_wanted(self) -> int:
+        """Whole groups that fit the slots the buffered continuations leave free."""
+        return max(0, self.slots - len(self.unfinished())) // self.group_size
+
+    def problems_in_flight(self) -> set[str]:
+        return {g[0].problem.id for g in self.groups.values()}
+
+    def add_groups(self, problems: Sequence[Problem], tokenizer: PreTrainedTokenizerBase,
+                   iteration: int) -> None:
+        """k fresh trajectories for each problem, generated from the next `step` on."""
+        in_flight = self.problems_in_flight()
+        for p in problems:
+            if p.id in in_flight:
+                raise ValueError(f"problem {p.id!r} is already in flight")
+            prompt = encode_prompt(tokenizer, p)
+            self.groups[self.next_group] = [
+                Sample(p, self.next_group, prompt, [], [], None, started=iteration)
+                for _ in range(self.group_size)]
+            in_flight.add(p.id)
+            self.next_group += 1
+
+    def step(self, engine: RolloutEngine, iteration: int, cap: int, params: SamplingParams,
+             decode: Callable[[list[int]], str]) -> tuple[list[Sample], StepStats]:
+        """Generate this iteration's segments; return the samples of the groups that are
+        now complete (group by group, the order they entered) and what happened."""
+        stats = StepStats()
+        self._handle_stale(iteration, stats)
+        todo = self.unfinished()
+        stats.continued = sum(1 for s in todo if s.tokens)
+        stats.carried_tokens = sum(len(s.tokens) for s in todo)
+        for s in todo:  # the max response length may have shrunk below a trajectory's length
+            if len(s.tokens) >= cap:
+                s.finish_reason = "length"
+        todo = [s for s in todo if s.finish_reason is None]
+        limits = [cap - len(s.tokens) if self.budget is None
+                  else min(self.budget, cap - len(s.tokens)) for s in todo]
+        segments = engine.generate([Request(s.prompt_ids, s.tokens) for s in todo], limits,
+                                   params) if todo else []
+        for s, seg in zip(todo, segments, strict=True):
+            s.tokens = s.tokens + seg.tokens
+            s.logprobs = s.logprobs + seg.logprobs
+            s.segments.append((iteration, len(seg.tokens)))
+            if seg.finish_reason != "length" or len(s.tokens) >= cap:
+                s.finish_reason = seg.finish_reason
+                s.text = decode(s.tokens)
+        lengths = [len(seg.tokens) for seg in segments]
+        stats.requests, stats.generated_tokens = len(todo), sum(lengths)
+        if lengths and max(lengths):
+            stats.idle_fraction = 1.0 - sum(lengths) / (len(lengths) * max(lengths))
+
+        done: list[Sample] = []
+        for gid in [g for g, members in self.groups.items()
+                    if all(s.finish_reason is not None for s in members)]:
+            done += self.groups.pop(gid)
+            stats.groups_finished += 1
+        rest = [s for g in self.groups.values() for s in g]
+        stats.buffered = sum(1 for s in rest if s.finish_reason is None)
+        stats.buffered_tokens = sum(len(s.tokens) for s in rest if s.finish_reason is None)
+        stats.waiting = len(rest) - stats.buffered
+        stats.groups_in_flight = len(self.groups)
+        return done, stats
+
+    def _handle_stale(self, iteration: int, stats: StepStats) -> None:
+        if self.max_trajectory_age is None:
+            return
+        for gid, members in list(self.groups.items()):
+            stale = [s for s in members if s.finish_reason is None
+                     and iteration - s.started >= self.max_trajectory_age]
+            if not stale:
+                continue
+            if self.stale == "drop":
+                del self.groups[gid]
+                stats.dropped_groups += 1
+                continue
+            for s in stale:
+                s.tokens, s.logprobs, s.segments, s.started = [], [], [], iteration
+                stats.regenerated += 1
+
+    def state_dict(self) -> dict:
+        """Plain data (problem ids, not problems): the buffer, finished members waiting for
+        their group, and the next group id."""
+        return {
+            "next_group": self.next_group,
+            "groups": [[{"problem": s.problem.id, "group": s.group, "prompt_ids": s.prompt_ids,
+                         "tokens": s.tokens, "logprobs": s.logprobs,
+                         "finish_reason": s.finish_reason, "text": s.text,
+                         "segments": [list(x) for x in s.segments], "started": s.started}
+                        for s in members] for members in self.groups.values()],
+        }
+
+    def load_state_dict(self, state: dict, problems: dict[str, Problem]) -> None:
+        groups: dict[int, list[Sample]] = {}
+        for members in state["groups"]:
+            out = []
+            for d in members:
+                if d["problem"] not in problems:
+                    raise KeyError(f"the checkpoint's rollout buffer holds problem "
+                                   f"{d['problem']!r}, which the data no longer has")
+                out.append(Sample(problems[d["problem"]], d["group"], list(d["prompt_ids"]),
+                                  list(d["tokens"]), list(d["logprobs"]), d["finish_reason"],
+                                  text=d["text"], segments=[tuple(x) for x in d["segments"]],
+                                  started=d["started"]))
+            groups[out[0].group] = out
+        self.groups, self.next_group = groups, state["next_group"]
