@@ -53,6 +53,9 @@ class CurriculumSampler:
         self.prioritized = prioritized
         self.priority_floor = float(priority_floor)
         self.stats = ProblemStats()
+        self._index = {pid: i for i, pid in enumerate(self.ids)}
+        self._levels = np.array([self.level_of[pid] for pid in self.ids])
+        self._sync_arrays()
         self.rng = np.random.default_rng(seed)
         present = sorted(set(self.level_of.values()))
         self.stages = sorted(
@@ -92,10 +95,39 @@ class CurriculumSampler:
         """Normalised band weights {level: weight} of the stage in force."""
         return dict(self.stages[self.stage_index(iteration)].bands)
 
-    def _weight(self, problem_id: str) -> float:
+    def _weights(self) -> np.ndarray:
+        """w_i for every problem, in `ids` order."""
         if not self.prioritized:
-            return 1.0
-        return 1.0 - self.stats.success_rate(problem_id) + self.priority_floor
+            return np.ones(len(self.ids))
+        att, succ = self._attempts, self._successes
+        rate = np.divide(succ, att, out=np.zeros_like(succ), where=att > 0)
+        return 1.0 - rate + self.priority_floor
+
+    def _probability_array(self, iteration: int, exclude: Collection[str]
+                           ) -> tuple[np.ndarray, np.ndarray]:
+        """(P(problem) in `ids` order, mask of the problems in a live band)."""
+        bands = self.level_weights(iteration)
+        eligible = np.ones(len(self.ids), dtype=bool)
+        for pid in exclude:
+            if pid in self._index:
+                eligible[self._index[pid]] = False
+        members = {lv: eligible & (self._levels == lv) for lv in bands}
+        live = {lv: w for lv, w in bands.items() if members[lv].any()}
+        probs = np.zeros(len(self.ids))
+        in_band = np.zeros(len(self.ids), dtype=bool)
+        if not live:
+            return probs, in_band
+        band_total = sum(live.values())
+        weights = self._weights()
+        for lv, band_weight in live.items():
+            m = members[lv]
+            w = weights[m]
+            total = w.sum()
+            if total <= 0:
+                w, total = np.ones_like(w), float(len(w))
+            probs[m] = band_weight / band_total * w / total
+            in_band |= m
+        return probs, in_band
 
     def probabilities(self, iteration: int, exclude: Collection[str] = ()) -> dict[str, float]:
         """P(problem) = band weight of its level * w_i / sum of w_j over its non-excluded band.
@@ -103,25 +135,8 @@ class CurriculumSampler:
         Bands left empty by `exclude` are dropped and the others renormalised, so the result
         sums to 1; a band whose weights are all 0 (floor 0, all solved) is spread evenly.
         """
-        bands = self.level_weights(iteration)
-        excluded = set(exclude)
-        members: dict[int, list[str]] = {level: [] for level in bands}
-        for pid in self.ids:
-            if self.level_of[pid] in bands and pid not in excluded:
-                members[self.level_of[pid]].append(pid)
-        live = {level: w for level, w in bands.items() if members[level]}
-        if not live:
-            return {}
-        band_total = sum(live.values())
-        probs: dict[str, float] = {}
-        for level, band_weight in live.items():
-            weights = [self._weight(pid) for pid in members[level]]
-            total = sum(weights)
-            if total <= 0:
-                weights, total = [1.0] * len(weights), float(len(weights))
-            for pid, w in zip(members[level], weights, strict=True):
-                probs[pid] = band_weight / band_total * w / total
-        return {pid: probs[pid] for pid in self.ids if pid in probs}
+        probs, in_band = self._probability_array(iteration, exclude)
+        return {self.ids[i]: float(probs[i]) for i in np.flatnonzero(in_band)}
 
     def sample(self, n: int, iteration: int, exclude: Collection[str] = ()) -> list[str]:
         """Draw `n` distinct ids, none in `exclude` (ids in flight elsewhere).
@@ -130,19 +145,19 @@ class CurriculumSampler:
         next id is drawn with probability proportional to probabilities() among those not
         yet drawn. For n=1 this is exactly probabilities().
         """
-        probs = self.probabilities(iteration, exclude)
-        ids = [pid for pid, p in probs.items() if p > 0]
-        if n > len(ids):
+        probs, _ = self._probability_array(iteration, exclude)
+        idx = np.flatnonzero(probs > 0)
+        if n > len(idx):
             raise ValueError(
-                f"asked for {n} problems at iteration {iteration} but only {len(ids)} are "
+                f"asked for {n} problems at iteration {iteration} but only {len(idx)} are "
                 f"eligible (stage levels {sorted(self.level_weights(iteration))}, "
                 f"{len(set(exclude))} excluded)"
             )
         if n <= 0:
             return []
-        p = np.array([probs[pid] for pid in ids], dtype=np.float64)
-        picks = self.rng.choice(len(ids), size=n, replace=False, p=p / p.sum())
-        return [ids[i] for i in picks]
+        p = probs[idx]
+        picks = self.rng.choice(len(idx), size=n, replace=False, p=p / p.sum())
+        return [self.ids[idx[i]] for i in picks]
 
     def update(self, results: Iterable[tuple[str, float]]) -> None:
         """Record one (problem_id, success in [0, 1]) per finished rollout."""
@@ -150,10 +165,15 @@ class CurriculumSampler:
             if problem_id not in self.level_of:
                 raise KeyError(f"unknown problem id {problem_id!r}")
             self.stats.update(problem_id, success)
+            i = self._index[problem_id]
+            self._attempts[i] = self.stats.attempts[problem_id]
+            self._successes[i] = self.stats.successes[problem_id]
 
     def sampling_entropy(self, iteration: int) -> float:
         """Shannon entropy (nats) of probabilities(iteration), for logging."""
-        return -sum(p * math.log(p) for p in self.probabilities(iteration).values() if p > 0)
+        probs, _ = self._probability_array(iteration, ())
+        probs = probs[probs > 0]
+        return float(-(probs * np.log(probs)).sum())
 
     def state_dict(self) -> dict[str, Any]:
         """RNG state and success statistics; enough for a resumed run to draw identically."""
@@ -162,3 +182,9 @@ class CurriculumSampler:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.rng.bit_generator.state = state["rng"]
         self.stats.load_state_dict(state["stats"])
+        self._sync_arrays()
+
+    def _sync_arrays(self) -> None:
+        """Attempts and successes as arrays in `ids` order, from `stats`."""
+        self._attempts = np.array([self.stats.attempts.get(p, 0.0) for p in self.ids])
+        self._successes = np.array([self.stats.successes.get(p, 0.0) for p in self.ids])

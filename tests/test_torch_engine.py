@@ -332,3 +332,20 @@ def test_rejected_update_leaves_the_engine_unchanged(make_model, tokenizer):
     engine.update_weights(iter(good))  # a good update still applies in full
     for name, t in new.state_dict().items():
         assert torch.equal(engine.model.state_dict()[name], t), name
+
+
+def test_contexts_of_very_different_lengths_generate_as_if_alone(make_model, tokenizer):
+    """Contexts far apart in length are prefilled in separate buckets and stacked into one
+    cache; every row generates what it generates on its own."""
+    model = make_model(seed=2, std=0.3)
+    engine = engine_for(model, tokenizer)
+    ps = prompts(len(tokenizer), lengths=(3, 40, 12, 25, 4, 33, 13), seed=4)
+    greedy = SamplingParams(greedy=True)
+    together = engine.generate([Request(p) for p in ps], 10, greedy)
+    for p, seg in zip(ps, together, strict=True):
+        (alone,) = engine.generate([Request(p)], 10, greedy)
+        assert seg.tokens == alone.tokens
+        assert seg.finish_reason == alone.finish_reason
+        torch.testing.assert_close(seg.logprobs, alone.logprobs, atol=1e-4, rtol=0)
+        ref, _, _ = greedy_reference(model, p, len(seg.tokens), tokenizer.eos_token_id)
+        assert seg.tokens == ref[:len(seg.tokens)]

@@ -5,11 +5,15 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 from transformers import DynamicCache, PreTrainedModel
 
 from ..rewards.repetition import RepeatTracker
 from .engine import Request, SamplingParams, Segment
+
+# contexts prefilled in one padded batch are at least this fraction of its longest
+PREFILL_BUCKET_RATIO = 0.8
 
 
 def sample_tokens(logits: Tensor, params: SamplingParams, generator: torch.Generator
@@ -72,19 +76,10 @@ class TorchEngine:
             return [Segment([], [], "length") for _ in range(B)]
         ctx = [list(requests[i].prompt_ids) + list(requests[i].prefix_ids)
                for i in active.tolist()]
-        L = max(len(c) for c in ctx)
-        ids = torch.full((len(ctx), L), self.pad, dtype=torch.long)
-        mask = torch.zeros((len(ctx), L), dtype=torch.long)
-        for i, c in enumerate(ctx):  # left padding
-            ids[i, L - len(c):] = torch.tensor(c)
-            mask[i, L - len(c):] = 1
-        pos = (mask.cumsum(-1) - 1).clamp(min=0)
         tracker = (RepeatTracker(params.repeat, B, [r.prefix_ids for r in requests])
                    if params.repeat is not None else None)
-        cache = DynamicCache()
-        logits = self.model(input_ids=ids, attention_mask=mask, position_ids=pos,
-                            past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
-        next_pos = pos[:, -1] + 1
+        cache, logits, mask = self._prefill(ctx)
+        next_pos = mask.sum(-1)  # each row's next position: its context length
         for step in range(T):
             tok, lp = sample_tokens(logits, params, generator)
             tokens[active, step] = tok
@@ -114,6 +109,48 @@ class TorchEngine:
             Segment(tokens[i, :n].tolist(), logps[i, :n].tolist(), reason[i])
             for i, n in enumerate(lengths.tolist())
         ]
+
+    def _prefill(self, ctx: list[list[int]]) -> tuple[DynamicCache, Tensor, Tensor]:
+        """KV cache, last-position logits and attention mask of left-padded contexts.
+
+        Contexts of similar length are prefilled together (a bucket holds lengths within
+        `PREFILL_BUCKET_RATIO` of its longest), then their caches are left-padded to the
+        longest context and stacked: continuations of partial rollouts have very different
+        lengths, and one padded batch would spend most of its compute on padding."""
+        L = max(len(c) for c in ctx)
+        order = sorted(range(len(ctx)), key=lambda i: -len(ctx[i]))
+        buckets: list[list[int]] = []
+        for i in order:
+            if buckets and len(ctx[i]) >= PREFILL_BUCKET_RATIO * len(ctx[buckets[-1][0]]):
+                buckets[-1].append(i)
+            else:
+                buckets.append([i])
+        mask = torch.zeros((len(ctx), L), dtype=torch.long)
+        for i, c in enumerate(ctx):
+            mask[i, L - len(c):] = 1
+        keys: list[list[Tensor]] = []
+        values: list[list[Tensor]] = []
+        logits = []
+        for rows in buckets:
+            n = len(ctx[rows[0]])
+            ids = torch.full((len(rows), n), self.pad, dtype=torch.long)
+            for r, i in enumerate(rows):  # left padding within the bucket
+                ids[r, n - len(ctx[i]):] = torch.tensor(ctx[i])
+            m = mask[rows, L - n:]
+            cache = DynamicCache()
+            logits.append(self.model(input_ids=ids, attention_mask=m,
+                                     position_ids=(m.cumsum(-1) - 1).clamp(min=0),
+                                     past_key_values=cache, use_cache=True,
+                                     logits_to_keep=1).logits[:, -1])
+            pad = (0, 0, L - n, 0)  # zeros on the left of the sequence dimension
+            keys.append([F.pad(layer.keys, pad) for layer in cache.layers])
+            values.append([F.pad(layer.values, pad) for layer in cache.layers])
+        back = torch.argsort(torch.tensor([i for rows in buckets for i in rows]))
+        merged = DynamicCache()
+        for layer in range(len(keys[0])):
+            merged.update(torch.cat([k[layer] for k in keys])[back],
+                          torch.cat([v[layer] for v in values])[back], layer)
+        return merged, torch.cat(logits)[back], mask
 
     @torch.no_grad()
     def update_weights(self, weights: Iterable[tuple[str, Tensor]]) -> None:
