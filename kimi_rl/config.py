@@ -77,9 +77,11 @@ class PartialConfig:
     # iterations before the update; 0 = only this iteration's) | "all"
     loss_segments: str = "recent"
     max_segment_age: int = 2
-    # an unfinished trajectory whose first segment is max_trajectory_age iterations old is
-    # dropped (with its group; the problem can be sampled again) or regenerated from its
-    # prompt; max_trajectory_age * budget must reach the max response length
+    # an unfinished trajectory is continued every iteration, so it spans at most
+    # ceil(max response length / budget) iterations (policy versions). One whose first
+    # segment is max_trajectory_age iterations old is "regenerate"d from its prompt (then
+    # max_trajectory_age * budget must reach the max response length) or "drop"ped with
+    # its group (the problem can be sampled again): a limit on policy versions per response
     max_trajectory_age: int = 8
     stale_trajectories: str = "regenerate"  # regenerate | drop
 
@@ -241,12 +243,16 @@ def check_config(cfg: TrainConfig) -> None:
         require("rollout.partial.stale_trajectories", pr.stale_trajectories,
                 pr.stale_trajectories in STALE_TRAJECTORIES,
                 f"one of {list(STALE_TRAJECTORIES)}")
-        longest = max([ro.max_new_tokens, *ro.max_new_tokens_schedule.values()])
         require("rollout.partial.max_trajectory_age", pr.max_trajectory_age,
-                pr.max_trajectory_age * pr.budget >= longest,
-                f"at least {-(-longest // pr.budget)} (max_trajectory_age * budget "
-                f"= {pr.max_trajectory_age} * {pr.budget} must reach the longest max response "
-                f"length, {longest} tokens, or such responses can never finish)")
+                pr.max_trajectory_age >= 1, "an integer >= 1")
+        longest = max([ro.max_new_tokens, *ro.max_new_tokens_schedule.values()])
+        if pr.stale_trajectories == "regenerate":
+            require("rollout.partial.max_trajectory_age", pr.max_trajectory_age,
+                    pr.max_trajectory_age * pr.budget >= longest,
+                    f"at least {-(-longest // pr.budget)} with stale_trajectories=regenerate "
+                    f"(max_trajectory_age * budget = {pr.max_trajectory_age} * {pr.budget} "
+                    f"must reach the longest max response length, {longest} tokens, or a "
+                    f"response that long is regenerated for ever; use drop to cut them)")
 
 
 def register_configs() -> None:

@@ -122,6 +122,9 @@ def train(cfg: TrainConfig, run_dir: str | Path) -> dict:
         metrics = rl_iteration(it, cfg, policy, engine, sampler, algo, tokenizer, by_id, params,
                                rollouts, log)
         summary["rl_seconds"] += time.perf_counter() - t0
+        for key, metric in (("generated_tokens", "rollout/generated_tokens"),
+                            ("trained_tokens", "partial/trained_tokens")):
+            summary[key] = summary.get(key, 0) + int(metrics[metric])
         if cfg.eval.every and (it + 1) % cfg.eval.every == 0:
             ev = run_eval(f"it {it + 1}", f"eval_it{it + 1}")
             metrics.update({f"eval/accuracy_L{lv}": a for lv, a in ev.items()})
@@ -176,9 +179,10 @@ def rl_iteration(it, cfg, policy, engine, sampler, algo, tokenizer, by_id, param
         engine.update_weights(policy.export_weights())
     t4 = time.perf_counter()
 
+    ages = [it - v for s in samples for v in s.token_iterations()]  # per response token
     m = rollout_metrics(samples, weight) if samples else {}
     m["rollout/max_new_tokens"] = cap
-    m.update(partial_metrics(step, samples, masks, it))
+    m.update(partial_metrics(step, samples, masks, ages))
     m.update(train_metrics)
     m.update({
         "time/rollout": t1 - t0, "time/reward": t2 - t1, "time/train": t3 - t2,
@@ -189,10 +193,8 @@ def rl_iteration(it, cfg, policy, engine, sampler, algo, tokenizer, by_id, param
         "curriculum/stage": sampler.stage_index(it),
         "curriculum/sampling_entropy": sampler.sampling_entropy(it),
     })
-    if samples and any(s.segments for s in samples):
-        ages = [it - v for s in samples for v in s.token_iterations()]
-        if ages:
-            log.histogram("partial/token_age", ages, it)
+    if ages:
+        log.histogram("partial/token_age", ages, it)
     k = cfg.rollout.group_size
     for j, s in enumerate(samples[: cfg.log_samples * k: k]):  # one per problem
         log.text(f"samples/{j}", f"prompt: {s.problem.prompt!r}\n\nresponse: {s.text!r}\n\n"
@@ -221,8 +223,9 @@ def loss_masks(rollout: RolloutConfig, samples: list[Sample], it: int) -> list[l
 
 
 def partial_metrics(step: StepStats, samples: list[Sample], masks: list[list[bool]],
-                    it: int) -> dict[str, float]:
-    """Replay buffer, carried-over work, segments, token ages and the masked share."""
+                    ages: list[int]) -> dict[str, float]:
+    """Replay buffer, carried-over work, segments, token ages (iterations between a
+    token's generation and this update) and the masked share."""
     tokens = sum(len(m) for m in masks)
     trained = sum(sum(m) for m in masks)
     m = {
@@ -239,14 +242,13 @@ def partial_metrics(step: StepStats, samples: list[Sample], masks: list[list[boo
         "rollout/requests": step.requests, "rollout/generated_tokens": step.generated_tokens,
         "rollout/idle_fraction": step.idle_fraction,
     }
-    if samples:
-        ages = np.array([it - v for s in samples for v in s.token_iterations()] or [0])
+    if ages:
         m.update({
             "partial/segments_per_trajectory": float(np.mean([len(s.segments)
                                                               for s in samples])),
             "partial/masked_fraction": 1.0 - trained / tokens if tokens else 0.0,
-            "partial/token_age_mean": float(ages.mean()),
-            "partial/token_age_max": float(ages.max()),
+            "partial/token_age_mean": float(np.mean(ages)),
+            "partial/token_age_max": float(np.max(ages)),
         })
     return m
 

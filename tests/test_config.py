@@ -149,3 +149,30 @@ def test_cli_usage(tmp_path):
     proc = run_cli("bogus", cwd=tmp_path)
     assert proc.returncode != 0
     assert "usage" in proc.stderr
+
+
+@pytest.mark.parametrize(("name", "caps"), [
+    ("long_cot_32k", [8192, 16384, 32768]),
+    ("long_cot_128k", [16384, 32768, 65536, 131072]),
+])
+def test_long_cot_experiments(name, caps):
+    """The production recipes: a growing max response length, partial rollouts with a
+    budget below it, and values check_config accepts."""
+    from kimi_rl.config import check_config
+
+    cfg = make([f"experiment={name}", "model.path=/some/dir", "data.path=/some/file"])
+    check_config(cfg)
+    ro = cfg.rollout
+    assert [ro.max_new_tokens, *ro.max_new_tokens_schedule.values()] == caps
+    assert ro.partial.enabled and ro.partial.budget == caps[0]
+    assert ro.partial.budget * ro.partial.max_trajectory_age >= caps[-1]
+    assert cfg.model.path == "/some/dir" and cfg.data.path == "/some/file"
+
+
+def test_demo_uses_partial_rollouts():
+    from kimi_rl.config import check_config
+
+    cfg = make()
+    check_config(cfg)
+    assert cfg.rollout.partial.enabled
+    assert cfg.rollout.partial.budget < cfg.rollout.max_new_tokens

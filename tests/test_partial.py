@@ -259,8 +259,11 @@ def test_config_checks_the_trajectory_age_reaches_the_cap():
     cfg.rollout.max_new_tokens_schedule = {10: 1000}
     cfg.rollout.partial.max_trajectory_age = 5
     with pytest.raises(ValueError, match=r"rollout.partial.max_trajectory_age: must be at "
-                                         r"least 10"):
+                                         r"least 10 with stale_trajectories=regenerate"):
         check_config(cfg)
+    cfg.rollout.partial.stale_trajectories = "drop"  # long responses are dropped: allowed
+    check_config(cfg)
+    cfg.rollout.partial.stale_trajectories = "regenerate"
     cfg.rollout.partial.max_trajectory_age = 10
     check_config(cfg)
     cfg.rollout.partial.loss_segments = "newest"
