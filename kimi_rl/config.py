@@ -84,6 +84,11 @@ class PartialConfig:
     # its group (the problem can be sampled again): a limit on policy versions per response
     max_trajectory_age: int = 8
     stale_trajectories: str = "regenerate"  # regenerate | drop
+    # slots do not wait within an iteration either: a slot whose trajectory ends starts a
+    # queued one at once (continuous batching) and the iteration's generation ends after
+    # `budget` decode steps; 2 x problems_per_iteration x group_size trajectories are kept
+    # in flight so the queue does not run dry
+    refill: bool = True
 
 
 @dataclass

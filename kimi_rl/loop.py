@@ -209,7 +209,7 @@ def build_rollouts(cfg: TrainConfig) -> PartialRollouts:
         cfg.rollout.group_size, cfg.rollout.problems_per_iteration * cfg.rollout.group_size,
         budget=pr.budget if pr.enabled else None,
         max_trajectory_age=pr.max_trajectory_age if pr.enabled else None,
-        stale=pr.stale_trajectories)
+        stale=pr.stale_trajectories, refill=pr.refill)
 
 
 def loss_masks(rollout: RolloutConfig, samples: list[Sample], it: int) -> list[list[bool]]:

@@ -269,3 +269,36 @@ def test_config_checks_the_trajectory_age_reaches_the_cap():
     cfg.rollout.partial.loss_segments = "newest"
     with pytest.raises(ValueError, match="rollout.partial.loss_segments"):
         check_config(cfg)
+
+
+def test_refill_matches_uninterrupted_generation(peaked, tokenizer):
+    """With refill the engine runs `slots` trajectories at a time within a window of
+    `budget` steps, starting queued ones as others end; twice the slots are in flight.
+    Greedy results still equal uninterrupted generation; a trajectory that has not
+    started has no segment."""
+    greedy = SamplingParams(greedy=True)
+    ps = problems()
+    full = engine_for(peaked, tokenizer).generate(
+        [Request(encode_prompt(tokenizer, p)) for p in ps], CAP, greedy)
+    engine = engine_for(peaked, tokenizer)
+    manager = PartialRollouts(group_size=2, slots=4, budget=5, refill=True)
+    pool, done, it, pending_seen = list(ps), [], 0, 0
+    while pool or manager.groups:
+        n = min(manager.new_groups_wanted(), len(pool))
+        assert len(manager.unfinished()) + 2 * n <= 8
+        manager.add_groups([pool.pop(0) for _ in range(n)], tokenizer, it)
+        out, stats = manager.step(engine, it, CAP, greedy, decoder(tokenizer))
+        done += out
+        started_now = [s for g in manager.groups.values() for s in g
+                       if s.segments and s.segments[-1][0] == it]
+        started_now += [s for s in out if s.segments[-1][0] == it]
+        assert stats.requests == len(started_now)
+        pending_seen += sum(1 for s in manager.unfinished() if not s.segments)
+        for s in started_now:
+            assert s.segments[-1][1] <= 5
+        it += 1
+    assert pending_seen, "some trajectories should have waited for a free slot"
+    for s in done:
+        ref = full[int(s.problem.id[1:])]
+        assert s.tokens == ref.tokens and s.finish_reason == ref.finish_reason
+        assert s.started == s.segments[0][0]

@@ -349,3 +349,37 @@ def test_contexts_of_very_different_lengths_generate_as_if_alone(make_model, tok
         torch.testing.assert_close(seg.logprobs, alone.logprobs, atol=1e-4, rtol=0)
         ref, _, _ = greedy_reference(model, p, len(seg.tokens), tokenizer.eos_token_id)
         assert seg.tokens == ref[:len(seg.tokens)]
+
+
+@pytest.mark.parametrize("max_running", [1, 2, 3])
+def test_queued_requests_start_as_rows_end(make_model, tokenizer, max_running):
+    """Continuous batching: with fewer running rows than requests, each request still
+    generates exactly what it generates alone (queued ones join rows of other lengths)."""
+    model = make_model(seed=4, std=0.3)
+    engine = engine_for(model, tokenizer)
+    # the last context is longer than the running rows' cache: those get left-padded
+    ps = prompts(len(tokenizer), lengths=(3, 30, 5, 12, 2, 21, 8, 70), seed=5)
+    limits = [12, 3, 9, 15, 1, 6, 12, 8]
+    greedy = SamplingParams(greedy=True)
+    queued = engine.generate([Request(p) for p in ps], limits, greedy, max_running=max_running)
+    for p, n, seg in zip(ps, limits, queued, strict=True):
+        (alone,) = engine.generate([Request(p)], n, greedy)
+        assert seg.tokens == alone.tokens and seg.finish_reason == alone.finish_reason
+        torch.testing.assert_close(seg.logprobs, alone.logprobs, atol=1e-4, rtol=0)
+
+
+def test_max_steps_ends_the_call(make_model, tokenizer):
+    """With max_steps, running rows stop (finish "length") after that many decode steps
+    of the call, and requests that never started come back empty as "pending"."""
+    engine = TorchEngine(copy.deepcopy(make_model(seed=0)), -1, tokenizer.pad_token_id)
+    ps = prompts(len(tokenizer), lengths=(3, 4, 5, 6, 7), seed=1)
+    # 0 and 1 start; 0 ends at step 2 and 2 takes its row (tokens at steps 3-5); 2 ends
+    # at step 5 and 3 takes the row (one token, at step 6); 4 never starts
+    limits = [2, 10, 3, 10, 10]
+    segs = engine.generate([Request(p) for p in ps], limits, SamplingParams(greedy=True),
+                           max_running=2, max_steps=6)
+    assert [len(s.tokens) for s in segs] == [2, 6, 3, 1, 0]
+    assert [s.finish_reason for s in segs] == ["length"] * 4 + ["pending"]
+    alone = engine.generate([Request(p) for p in ps], 10, SamplingParams(greedy=True))
+    for s, a in zip(segs, alone, strict=True):
+        assert s.tokens == a.tokens[:len(s.tokens)]

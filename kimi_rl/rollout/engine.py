@@ -24,8 +24,9 @@ class Request:
 class Segment:
     """Newly generated tokens, their sampling logprobs (log softmax of logits/temperature,
     before top-p), and why generation ended: "stop" (EOS), "repeat" (the response ends in
-    a loop, see `SamplingParams.repeat`) or "length" (token limit). A token that is both
-    the last one allowed and the one that closes a loop gives "repeat"."""
+    a loop, see `SamplingParams.repeat`), "length" (token limit, or the call's max_steps)
+    or "pending" (never started: the call ended first). A token that is both the last one
+    allowed and the one that closes a loop gives "repeat"."""
 
     tokens: list[int]
     logprobs: list[float]
@@ -47,10 +48,14 @@ class SamplingParams:
 class RolloutEngine(Protocol):
     """generate: one Segment per request, in order; `max_new_tokens` is one limit for all
     or one per request. Sampling follows `params` (temperature, top_p, greedy, seed, and
-    repeat detection)."""
+    repeat detection). At most `max_running` sequences decode at once (None: the engine's
+    own limit), queued requests starting in order as running ones end; with `max_steps`
+    the call ends after that many decode steps, running sequences ending with "length"
+    and requests not started coming back empty with finish_reason "pending"."""
 
     def generate(self, requests: Sequence[Request], max_new_tokens: int | Sequence[int],
-                 params: SamplingParams) -> list[Segment]: ...
+                 params: SamplingParams, max_running: int | None = None,
+                 max_steps: int | None = None) -> list[Segment]: ...
 
     def update_weights(self, weights: Iterable[tuple[str, Tensor]]) -> None: ...
 

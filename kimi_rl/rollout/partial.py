@@ -12,6 +12,12 @@ that many problems (none of those already in flight) and calls `step`, which
    and parked in the buffer when only the budget stopped it,
 4. returns the groups whose k trajectories are all finished; the others wait.
 
+With `refill`, slots do not wait for the slowest trajectory either: the engine keeps
+`slots` sequences running and starts a queued trajectory as soon as one ends (continuous
+batching), and the call ends after `budget` decode steps; trajectories still queued then
+start in a later iteration. Twice `slots` trajectories are kept in flight so the queue
+does not run dry.
+
 With `budget=None` every trajectory runs to the end in its first iteration: synchronous
 rollouts, the same code path.
 """
@@ -57,7 +63,8 @@ class PartialRollouts:
     iteration (None: no limit). max_trajectory_age: an unfinished trajectory whose first
     segment is this many iterations old is handled by `stale` ("drop": its whole group is
     dropped and its problem may be sampled again; "regenerate": it restarts from the
-    prompt). None: no limit.
+    prompt). None: no limit. refill: see the module docstring (needs an engine whose
+    generate takes max_running and max_steps).
     """
 
     group_size: int
@@ -65,6 +72,7 @@ class PartialRollouts:
     budget: int | None = None
     max_trajectory_age: int | None = None
     stale: str = "regenerate"
+    refill: bool = False
     groups: dict[int, list[Sample]] = field(default_factory=dict)  # in flight, oldest first
     next_group: int = 0
 
@@ -79,8 +87,10 @@ class PartialRollouts:
         return [s for g in self.groups.values() for s in g if s.finish_reason is None]
 
     def new_groups_wanted(self) -> int:
-        """Whole groups that fit the slots the buffered continuations leave free."""
-        return max(0, self.slots - len(self.unfinished())) // self.group_size
+        """Whole groups that fit the slots (twice the slots with refill) the unfinished
+        trajectories leave free."""
+        target = self.slots * (2 if self.refill and self.budget is not None else 1)
+        return max(0, target - len(self.unfinished())) // self.group_size
 
     def problems_in_flight(self) -> set[str]:
         return {g[0].problem.id for g in self.groups.values()}
@@ -106,17 +116,29 @@ class PartialRollouts:
         stats = StepStats()
         self._handle_stale(iteration, stats)
         todo = self.unfinished()
-        stats.continued = sum(1 for s in todo if s.tokens)
-        stats.carried_tokens = sum(len(s.tokens) for s in todo)
         for s in todo:  # the max response length may have shrunk below a trajectory's length
             if len(s.tokens) >= cap:
                 s.finish_reason = "length"
-        todo = [s for s in todo if s.finish_reason is None]
+        # continuations first, then trajectories not started yet, oldest first
+        todo = sorted((s for s in todo if s.finish_reason is None), key=lambda s: not s.tokens)
+        stats.continued = sum(1 for s in todo if s.tokens)
+        stats.carried_tokens = sum(len(s.tokens) for s in todo)
         limits = [cap - len(s.tokens) if self.budget is None
                   else min(self.budget, cap - len(s.tokens)) for s in todo]
-        segments = engine.generate([Request(s.prompt_ids, s.tokens) for s in todo], limits,
-                                   params) if todo else []
+        requests = [Request(s.prompt_ids, s.tokens) for s in todo]
+        window = self.refill and self.budget is not None
+        if not todo:
+            segments = []
+        elif window:
+            segments = engine.generate(requests, limits, params, max_running=self.slots,
+                                       max_steps=self.budget)
+        else:
+            segments = engine.generate(requests, limits, params)
         for s, seg in zip(todo, segments, strict=True):
+            if seg.finish_reason == "pending":  # not started before the call ended
+                continue
+            if not s.segments:
+                s.started = iteration
             s.tokens = s.tokens + seg.tokens
             s.logprobs = s.logprobs + seg.logprobs
             s.segments.append((iteration, len(seg.tokens)))
@@ -124,9 +146,14 @@ class PartialRollouts:
                 s.finish_reason = seg.finish_reason
                 s.text = decode(s.tokens)
         lengths = [len(seg.tokens) for seg in segments]
-        stats.requests, stats.generated_tokens = len(todo), sum(lengths)
-        if lengths and max(lengths):
-            stats.idle_fraction = 1.0 - sum(lengths) / (len(lengths) * max(lengths))
+        stats.requests = sum(seg.finish_reason != "pending" for seg in segments)
+        stats.generated_tokens = sum(lengths)
+        cut = any(seg.finish_reason == "pending" or
+                  (seg.finish_reason == "length" and len(seg.tokens) < n)
+                  for seg, n in zip(segments, limits, strict=True))
+        steps = self.budget if window and cut else max(lengths, default=0)
+        if steps:  # decode steps of the call (approximate without a cut), times its rows
+            stats.idle_fraction = 1.0 - sum(lengths) / (min(len(todo), self.slots) * steps)
 
         done: list[Sample] = []
         for gid in [g for g, members in self.groups.items()
@@ -144,7 +171,7 @@ class PartialRollouts:
         if self.max_trajectory_age is None:
             return
         for gid, members in list(self.groups.items()):
-            stale = [s for s in members if s.finish_reason is None
+            stale = [s for s in members if s.finish_reason is None and s.segments
                      and iteration - s.started >= self.max_trajectory_age]
             if not stale:
                 continue

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Iterable, Sequence
 
 import torch
@@ -14,6 +15,8 @@ from .engine import Request, SamplingParams, Segment
 
 # contexts prefilled in one padded batch are at least this fraction of its longest
 PREFILL_BUCKET_RATIO = 0.8
+# queued requests start once this share of the running rows (at least one) has ended
+REFILL_FRACTION = 0.125
 
 
 def sample_tokens(logits: Tensor, params: SamplingParams, generator: torch.Generator
@@ -48,43 +51,56 @@ class TorchEngine:
         self.generator = torch.Generator().manual_seed(seed)
 
     def generate(self, requests: Sequence[Request], max_new_tokens: int | Sequence[int],
-                 params: SamplingParams) -> list[Segment]:
+                 params: SamplingParams, max_running: int | None = None,
+                 max_steps: int | None = None) -> list[Segment]:
+        """At most `max_running` sequences (default and cap: max_batch_size) decode at once;
+        a queued request starts when running ones end (continuous batching, in order). With
+        `max_steps` the call ends after that many decode steps: running sequences end with
+        "length", requests not yet started get an empty Segment with "pending"."""
         limits = ([max_new_tokens] * len(requests) if isinstance(max_new_tokens, int)
                   else list(max_new_tokens))
         gen = self.generator
         if params.seed is not None:
             gen = torch.Generator().manual_seed(params.seed)
-        out: list[Segment] = []
-        for s in range(0, len(requests), self.max_batch_size):
-            e = s + self.max_batch_size
-            out += self._generate_batch(requests[s:e], limits[s:e], params, gen)
-        return out
+        running = min(max_running or self.max_batch_size, self.max_batch_size)
+        return self._run(requests, limits, params, gen, running, max_steps)
 
     @torch.no_grad()
-    def _generate_batch(self, requests: Sequence[Request], limits: list[int],
-                        params: SamplingParams, generator: torch.Generator) -> list[Segment]:
+    def _run(self, requests: Sequence[Request], limits: list[int], params: SamplingParams,
+             generator: torch.Generator, max_running: int, max_steps: int | None
+             ) -> list[Segment]:
         B = len(requests)
         limit = torch.tensor(limits, dtype=torch.long)
         T = int(limit.max()) if B else 0
         tokens = torch.full((B, max(T, 1)), self.pad, dtype=torch.long)
         logps = torch.zeros((B, max(T, 1)))
         lengths = torch.zeros(B, dtype=torch.long)
-        reason = ["length"] * B
-        # original row of each row still in the cache; rows with limit 0 never enter it
-        active = (limit > 0).nonzero()[:, 0]
-        if not len(active):
-            return [Segment([], [], "length") for _ in range(B)]
-        ctx = [list(requests[i].prompt_ids) + list(requests[i].prefix_ids)
-               for i in active.tolist()]
+        reason = ["length" if n <= 0 else "pending" for n in limits]  # requests with limit 0
+        queue = deque(i for i in range(B) if limits[i] > 0)  # never start
+        ctx = [list(r.prompt_ids) + list(r.prefix_ids) for r in requests]
         tracker = (RepeatTracker(params.repeat, B, [r.prefix_ids for r in requests])
                    if params.repeat is not None else None)
-        cache, logits, mask = self._prefill(ctx)
-        next_pos = mask.sum(-1)  # each row's next position: its context length
-        for step in range(T):
+
+        def start(n: int) -> list[int]:
+            rows = [queue.popleft() for _ in range(min(n, len(queue)))]
+            for i in rows:
+                reason[i] = "length"
+            return rows
+
+        # active: the request of each cache row; next_pos: each row's next position
+        active = torch.tensor(start(max_running), dtype=torch.long)
+        if not len(active):
+            return [Segment([], [], reason[i]) for i in range(B)]
+        cache, logits, mask = self._prefill([ctx[i] for i in active.tolist()])
+        next_pos = mask.sum(-1)
+        step = 0
+        while True:
             tok, lp = sample_tokens(logits, params, generator)
-            tokens[active, step] = tok
-            logps[active, step] = lp
+            col = lengths[active]
+            tokens[active, col] = tok
+            logps[active, col] = lp
             lengths[active] += 1
+            step += 1
             eos = tok == self.eos
             for i in active[eos].tolist():
                 reason[i] = "stop"
@@ -95,8 +111,18 @@ class TorchEngine:
                     reason[i] = "repeat"
                 done = eos | looped
             keep = ~done & (lengths[active] < limit[active])
-            if not keep.any():
+            if max_steps is not None and step >= max_steps:
                 break
+            free = max_running - int(keep.sum())
+            new = start(free) if queue and (free >= self._refill_at(max_running)
+                                            or not keep.any()) else []
+            if not keep.any():
+                if not new:
+                    break
+                active = torch.tensor(new, dtype=torch.long)
+                cache, logits, mask = self._prefill([ctx[i] for i in new])
+                next_pos = mask.sum(-1)
+                continue
             if not keep.all():
                 cache.batch_select_indices(keep.nonzero()[:, 0])
                 active, tok, mask, next_pos = active[keep], tok[keep], mask[keep], next_pos[keep]
@@ -105,13 +131,51 @@ class TorchEngine:
                                 position_ids=next_pos[:, None], past_key_values=cache,
                                 use_cache=True).logits[:, -1]
             next_pos = next_pos + 1
+            if new:  # join the running rows, aligned on the right like them
+                mask, new_logits, new_mask = self._admit(cache, mask, [ctx[i] for i in new])
+                logits = torch.cat([logits, new_logits])
+                active = torch.cat([active, torch.tensor(new, dtype=torch.long)])
+                next_pos = torch.cat([next_pos, new_mask.sum(-1)])
         return [
             Segment(tokens[i, :n].tolist(), logps[i, :n].tolist(), reason[i])
             for i, n in enumerate(lengths.tolist())
         ]
 
+    @staticmethod
+    def _refill_at(max_running: int) -> int:
+        """Free rows that make it worth a prefill call for queued requests."""
+        return max(1, int(max_running * REFILL_FRACTION))
+
+    def _admit(self, cache: DynamicCache, mask: Tensor, ctx: list[list[int]]
+               ) -> tuple[Tensor, Tensor, Tensor]:
+        """Prefill `ctx` and append the rows to `cache` (in place), left-padding whichever
+        side is shorter; returns the joint attention mask, the new rows' logits and their
+        own mask."""
+        keys, values, logits, new_mask = self._prefill_kv(ctx)
+        C, N = mask.shape[1], new_mask.shape[1]
+        if N > C:  # the new contexts are longer than the running rows so far
+            for layer in cache.layers:
+                layer.keys = F.pad(layer.keys, (0, 0, N - C, 0))
+                layer.values = F.pad(layer.values, (0, 0, N - C, 0))
+            mask = F.pad(mask, (N - C, 0))
+        pad = (0, 0, max(C - N, 0), 0)
+        for layer, k, v in zip(cache.layers, keys, values, strict=True):
+            layer.keys = torch.cat([layer.keys, F.pad(k, pad)])
+            layer.values = torch.cat([layer.values, F.pad(v, pad)])
+        return torch.cat([mask, F.pad(new_mask, (max(C - N, 0), 0))]), logits, new_mask
+
     def _prefill(self, ctx: list[list[int]]) -> tuple[DynamicCache, Tensor, Tensor]:
-        """KV cache, last-position logits and attention mask of left-padded contexts.
+        """KV cache, last-position logits and attention mask of left-padded contexts."""
+        keys, values, logits, mask = self._prefill_kv(ctx)
+        cache = DynamicCache()
+        for layer, (k, v) in enumerate(zip(keys, values, strict=True)):
+            cache.update(k, v, layer)
+        return cache, logits, mask
+
+    def _prefill_kv(self, ctx: list[list[int]]
+                    ) -> tuple[list[Tensor], list[Tensor], Tensor, Tensor]:
+        """Per-layer keys and values, last-position logits and attention mask of
+        left-padded contexts.
 
         Contexts of similar length are prefilled together (a bucket holds lengths within
         `PREFILL_BUCKET_RATIO` of its longest), then their caches are left-padded to the
@@ -146,11 +210,9 @@ class TorchEngine:
             keys.append([F.pad(layer.keys, pad) for layer in cache.layers])
             values.append([F.pad(layer.values, pad) for layer in cache.layers])
         back = torch.argsort(torch.tensor([i for rows in buckets for i in rows]))
-        merged = DynamicCache()
-        for layer in range(len(keys[0])):
-            merged.update(torch.cat([k[layer] for k in keys])[back],
-                          torch.cat([v[layer] for v in values])[back], layer)
-        return merged, torch.cat(logits)[back], mask
+        return ([torch.cat([k[j] for k in keys])[back] for j in range(len(keys[0]))],
+                [torch.cat([v[j] for v in values])[back] for j in range(len(values[0]))],
+                torch.cat(logits)[back], mask)
 
     @torch.no_grad()
     def update_weights(self, weights: Iterable[tuple[str, Tensor]]) -> None:
