@@ -1,21 +1,30 @@
 """Cluster simulation of RL rollouts: synchronous vs partial rollouts (SPEC.md section 4).
 
-Discrete-time model of the scheduling kimi-rl implements, iteration n:
-  1. the batch has N = problems_per_iteration * k trajectory slots;
-  2. requests = every unfinished trajectory of the replay buffer (oldest first), then
-     floor((N - unfinished) / k) new problems with k fresh trajectories each;
-  3. a request generates min(budget, target - tokens_so_far) tokens (targets are clipped to
-     the cap, so the cap is never passed); sync mode is budget = cap;
-  4. requests are sorted by prompt+tokens-so-far (what the trainer knows; it cannot know
-     the remaining length) and dealt round robin over W workers of S slots (W*S >= N is
-     asserted, so there are no waves). A worker first prefills every request's prompt plus
-     tokens so far (no KV cache kept between iterations), then decodes in lock step;
-     rollout time = max over workers;
-  5. a group trains once all k members finished; with max_staleness s a token generated at
+Discrete-time model of the scheduling kimi-rl implements (kimi_rl/rollout/partial.py,
+TorchEngine._run), iteration n:
+  1. the batch has N = problems_per_iteration * k slots; F trajectories are kept in flight
+     (F = N, 2N with refill): floor((F - unfinished) / k) new problems with k fresh
+     trajectories each join the unfinished ones (started or not);
+  2. requests: continuations (tokens so far > 0), then trajectories not started yet, oldest
+     group first; each may generate min(budget, target - tokens so far) tokens (targets are
+     clipped to the cap); sync is budget = cap without refill;
+  3. the first min(requests, N) are sorted by prompt+tokens-so-far (what the trainer knows;
+     not the remaining length) and dealt round robin over W workers of S slots (W*S >= N,
+     = N with refill: the engine's max_running; no waves). A worker prefills them (prompt
+     plus tokens so far: no KV cache kept between iterations), then decodes in lock step.
+     Without refill that is every request; the rollout lasts until the longest ends. With
+     refill the rest wait in one shared in-order queue: once max(1, S/8) of a worker's rows
+     are free (REFILL_FRACTION) at decode step t, it takes the next queued requests
+     (workers in order of t, ties by index: decode steps, not wall clock), prefills them in
+     one batch (its running rows stall) and decodes them from t on. After `budget` steps
+     the call ends: a request started at t got at most budget - t tokens; rows cut are
+     parked (finished if at their target); requests not started stay queued, with no
+     tokens and no segment. Rollout time = max over workers;
+  4. a group trains once all k members finished; with max_staleness s a token generated at
      iteration m is in the loss at iteration n only if n - m <= s; with max_trajectory_age a
-     buffered trajectory started more than that many iterations ago is dropped and
-     regenerated from scratch (fresh length draw for the same problem);
-  6. iteration time = rollout + train + weight_sync (rollout and training alternate).
+     trajectory whose first segment is more than that many iterations old is dropped and
+     regenerated from scratch (fresh length draw for the same problem, not started yet);
+  5. iteration time = rollout + train + weight_sync (rollout and training alternate).
 
 Cost model (defaults; assumptions for a ~7B GQA model, e.g. Qwen2.5-7B, one H100 per worker):
   step_base = 10 ms           one decode step reads the 15 GB of bf16 weights (~5 ms at
@@ -32,34 +41,44 @@ Cost model (defaults; assumptions for a ~7B GQA model, e.g. Qwen2.5-7B, one H100
   weight_sync = 5 s           push 15 GB of weights to the engines / switch modes.
 Response lengths (LengthModel): per problem a median m = 6000 * exp(0.7 z), per sample
 L = m * exp(0.5 z'), rounded, >= 32; total log-sd 0.86: p50 ~6K, p90 ~18K, ~2.5% reach the
-32K cap (truncated). Same problems, same draws, for both modes (pre-drawn pool).
+32K cap (truncated). Same problems, same draws, for every mode (pre-drawn pool).
 
 Metrics, over iterations [warmup, iterations) (the buffer needs a few iterations to fill):
   throughput       response tokens in the loss per second of iteration time;
   idle_fraction    1 - sum_workers used slot-seconds / (W * S * rollout_time), summed over the
                    window's iterations; a slot is used while it holds a sequence that is being
-                   prefilled (the worker's whole prefill phase) or decoded (integral of active
+                   prefilled (the whole prefill batch) or decoded (integral of active
                    sequences dt). Workers waiting for the slowest one are idle.
   segments_per_trajectory (finished in window), buffer_size (unfinished at iteration start),
+  queued (not started at its end), refills_per_iteration (segments started after step 0),
   masked_fraction (trained tokens left out of the loss by max_staleness).
 
-Measured with the defaults (64 x 32 slots, k=8, cap 32K, 60 iterations, seeds 0-3 within
-+-0.02): speedup 1.55 / 1.75 / 1.73 / 1.45 at budget 2K / 4K / 8K / 16K (plateau 4K-6K, so
-the default budget is 4096); idle 0.75 (sync) vs 0.21 (partial, 4K). With max_staleness=2 a
-group's early segments wait for its longest member: 55% of tokens masked at 4K (0.79x), 17% at
-8K (1.44x). The 2.5x target is not reached: the per-token KV-read cost and the re-prefill of
-continuations are not amortised by full batches, and training and weight sync are not sped up.
+Measured with the defaults (64 x 32 slots, k=8, cap 32K, 60 iterations; speedup over sync,
+mean of seeds 0-3, each within +-0.03; sync idle 0.75):
+  budget           2K    4K    8K   12K   16K
+  no refill      1.58  1.76  1.74  1.60  1.45   idle 0.12 0.21 0.36 0.48 0.57
+  refill         1.62  1.91  2.08  2.11  2.04   idle 0.07 0.08 0.09 0.13 0.22
+Without refill the plateau is 4K-6K (default 4096); with refill 10K-12K (2.10-2.14 at 10K,
+2.07-2.10 at 14K; default 12288): past ~10K the 2N trajectories in flight no longer fill the
+window (queued 235 at 8K, 0 at 12K) and idle rises. With max_staleness=2 (seeds 0-1) a
+group's early segments wait for its longest member: refill 1.61-1.65 at 8K (22% of tokens
+masked), 2.03-2.06 at 12K (3.5%); no refill 0.79 at 4K (55%), 1.44 at 8K (17%). The 2.5x
+target is not reached: the per-token KV-read cost and the re-prefill of continuations are not
+amortised by full batches, and training and weight sync are not sped up.
 """
 
 from __future__ import annotations
 
 import argparse
+import heapq
 import json
 from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 
 UNFINISHED, FINISHED, DROPPED = 1, 2, 3
+REFILL_FRACTION = 0.125  # as kimi_rl/rollout/torch_engine.py: free rows that trigger a refill
+BUDGET, BUDGET_NO_REFILL = 12288, 4096  # measured, see the module docstring
 
 
 @dataclass(frozen=True)
@@ -104,9 +123,11 @@ class Workload:
 
 
 def draw_problems(work: Workload) -> tuple[np.ndarray, np.ndarray]:
-    """The problem pool, identical for every mode: medians [P] and raw lengths [P, k]."""
+    """The problem pool, identical for every mode: medians [P] and raw lengths [P, k], with
+    P = 2 x iterations x problems_per_iteration (refill takes up to 2N trajectories a turn)."""
     rng = np.random.default_rng(work.seed)
-    medians = work.lengths.problem_medians(rng, work.iterations * work.problems_per_iteration)
+    medians = work.lengths.problem_medians(rng, 2 * work.iterations
+                                           * work.problems_per_iteration)
     return medians, work.lengths.samples(rng, medians, work.k)
 
 
@@ -117,148 +138,213 @@ def length_stats(work: Workload) -> dict:
                 truncated_share=float((lengths >= work.cap).mean()))
 
 
+def schedule(limit: np.ndarray, first_worker: np.ndarray, window: int | None, workers: int,
+             slots: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(worker, start step, tokens decoded) of each request; -1, -1, 0 if it never started.
+
+    Requests [0, len(first_worker)) start at step 0 on first_worker. With a window (refill)
+    the rest wait in one shared in-order queue: a worker whose rows end at step t < window
+    takes the next requests once max(1, S/8) of its S rows are free, in order of t (ties:
+    lower worker first); a request started at step t decodes min(limit, window - t).
+    """
+    n, n0 = len(limit), len(first_worker)
+    worker, t0, gen = np.full(n, -1), np.full(n, -1), np.zeros(n, np.int64)
+    worker[:n0], t0[:n0], gen[:n0] = first_worker, 0, limit[:n0]
+    if window is None:
+        assert n0 == n, "no refill: every request starts at once"
+        return worker, t0, gen
+    running = np.bincount(first_worker, minlength=workers)
+    heap = [(e, w) for e, w in zip(gen[:n0].tolist(), first_worker.tolist(), strict=True)
+            if e < window]
+    heapq.heapify(heap)
+    refill_at, q = max(1, int(slots * REFILL_FRACTION)), n0
+    while heap and q < n:
+        t, w = heapq.heappop(heap)
+        running[w] -= 1
+        free = slots - running[w]
+        if free < refill_at or (heap and heap[0] == (t, w)):  # (more of w's rows end at t)
+            continue
+        new = slice(q, min(q + free, n))
+        q = new.stop
+        worker[new], t0[new] = w, t
+        gen[new] = np.minimum(limit[new], window - t)
+        running[w] += len(gen[new])
+        for e in (t + gen[new]).tolist():
+            if e < window:
+                heapq.heappush(heap, (e, w))
+    return worker, t0, gen
+
+
 def rollout(gen: np.ndarray, ctx: np.ndarray, worker: np.ndarray, workers: int, slots: int,
-            cost: CostModel) -> tuple[float, float]:
+            cost: CostModel, t0: np.ndarray | None = None) -> tuple[float, float]:
     """(rollout time, used slot-seconds) of one iteration, analytically per worker.
 
-    gen: tokens each request decodes; ctx: prompt + tokens so far (prefilled first).
-    active[w, t] = number of worker w's requests with gen > t, from cumulative end counts.
+    Segment i decodes gen[i] tokens on worker[i] at steps [t0[i], t0[i] + gen[i]) (t0
+    default 0), context ctx[i] + t - t0[i] (ctx = prompt + tokens so far). The segments a
+    worker starts at a step are prefilled in one batch first; every sequence it holds at that
+    step counts as used meanwhile. active[w, t] etc. from cumulative start - end counts.
     """
-    steps = int(gen.max()) + 1
-    index = worker * (steps + 1) + gen
-    shape = (workers, steps + 1)
-    ends = np.bincount(index, minlength=workers * (steps + 1)).reshape(shape)
-    ctx_ends = np.bincount(index, weights=ctx, minlength=workers * (steps + 1)).reshape(shape)
-    n_w = np.bincount(worker, minlength=workers)
-    ctx_w = np.bincount(worker, weights=ctx, minlength=workers)
-    active = (n_w[:, None] - np.cumsum(ends, axis=1))[:, :steps]
-    ctx_active = (ctx_w[:, None] - np.cumsum(ctx_ends, axis=1))[:, :steps]
+    t0 = np.zeros_like(gen) if t0 is None else t0
+    steps = int((t0 + gen).max())
+    shape, size = (workers, steps + 1), workers * (steps + 1)
+    first, last = worker * (steps + 1) + t0, worker * (steps + 1) + t0 + gen
+
+    def per_step(weights: np.ndarray | None) -> np.ndarray:
+        starts = np.bincount(first, weights=weights, minlength=size)
+        return np.cumsum((starts - np.bincount(last, weights=weights, minlength=size))
+                         .reshape(shape), axis=1)[:, :steps]
+
+    active, ctx_active = per_step(None), per_step((ctx - t0).astype(np.float64))
+    assert 0 <= active.min() and active.max() <= slots
     t = np.arange(steps)
     step = ((active > 0) * cost.step_base + active * cost.step_per_seq
             + cost.step_per_ctx_token * (ctx_active + t * active))
-    prefill = ctx_w / cost.prefill_tokens_per_s
-    busy = prefill + step.sum(axis=1)
-    used = n_w * prefill + (active * step).sum(axis=1)
-    assert n_w.max() <= slots
-    return float(busy.max()), float(used.sum())
+    prefill = np.bincount(first, weights=ctx, minlength=size).reshape(shape)[:, :steps]
+    prefill /= cost.prefill_tokens_per_s
+    busy = prefill.sum(axis=1) + step.sum(axis=1)
+    return float(busy.max()), float((active * (prefill + step)).sum())
 
 
 def simulate(work: Workload, cost: CostModel, budget: int, max_staleness: int | None = None,
-             max_trajectory_age: int | None = None, record: bool = False) -> dict:
-    """Run one mode (sync = budget >= cap); metrics dict, plus 'records' if record."""
+             max_trajectory_age: int | None = None, refill: bool = True,
+             record: bool = False) -> dict:
+    """One mode (sync: budget >= cap, refill=False): metrics, plus 'records' if record."""
     k, n_slots, iters = work.k, work.problems_per_iteration * work.k, work.iterations
-    assert work.workers * work.slots >= n_slots, "W*S must hold the batch (no waves)"
+    W, S = work.workers, work.slots
+    assert W * S == n_slots if refill else W * S >= n_slots, \
+        "W*S must hold the batch (no waves); with refill W*S = N (the engine's max_running)"
+    in_flight = n_slots * (2 if refill else 1)
     medians, pool = draw_problems(work)
     regen_rng = np.random.default_rng([work.seed, 1])
-    cap_ = iters * n_slots  # at most N new trajectories per iteration
-    group, target, truncated = (np.zeros(cap_, np.int64) for _ in range(3))
-    tokens, start, status, segments, finish = (np.zeros(cap_, np.int64) for _ in range(5))
-    finish[:] = -1
+    size = iters * in_flight  # at most in_flight new trajectories (segments) per iteration
+    group, target, truncated = (np.zeros(size, np.int64) for _ in range(3))
+    tokens, start, status, segments, finish = (np.zeros(size, np.int64) for _ in range(5))
+    start[:], finish[:] = -1, -1  # start: iteration of the first segment
     pending = np.zeros(len(medians), np.int64)  # unfinished members per problem
     trained_at = np.full(len(medians), -1)
-    seg_traj, seg_iter, seg_tok = (np.zeros(cap_, np.int64) for _ in range(3))
+    seg = {key: np.zeros(size, np.int64) for key in ("traj", "iter", "tokens", "worker", "step")}
     n_traj = n_seg = n_problems = 0
-    it = {key: np.zeros(iters) for key in ("rollout", "train", "time", "used", "trained",
-                                           "loss", "buffer")}
+    it = {key: np.zeros(iters) for key in ("rollout", "train", "time", "used", "trained", "loss",
+                                           "buffer", "requests", "queued", "refills")}
 
-    def add(groups: np.ndarray, lengths: np.ndarray, n: int) -> np.ndarray:
+    def add(groups: np.ndarray, lengths: np.ndarray) -> np.ndarray:
         nonlocal n_traj
         idx = np.arange(n_traj, n_traj + len(groups))
         group[idx], target[idx] = groups, np.minimum(lengths, work.cap)
-        truncated[idx], start[idx], status[idx] = lengths >= work.cap, n, UNFINISHED
+        truncated[idx], status[idx] = lengths >= work.cap, UNFINISHED
         n_traj += len(groups)
         return idx
 
     for n in range(iters):
         buffered = np.flatnonzero(status[:n_traj] == UNFINISHED)
         if max_trajectory_age is not None:
-            old = buffered[n - start[buffered] > max_trajectory_age]
+            old = buffered[(segments[buffered] > 0)
+                           & (n - start[buffered] > max_trajectory_age)]
             status[old] = DROPPED
             redraw = work.lengths.samples(regen_rng, medians[group[old]], 1)[:, 0]
             buffered = np.concatenate([buffered[~np.isin(buffered, old)],
-                                       add(group[old], redraw, n)])
-        new_problems = (n_slots - len(buffered)) // k
+                                       add(group[old], redraw)])
+        it["buffer"][n] = len(buffered)
+        new_problems = (in_flight - len(buffered)) // k
         groups = np.arange(n_problems, n_problems + new_problems)
         pending[groups] = k
-        new = add(np.repeat(groups, k), pool[groups].ravel(), n)
+        req = np.concatenate([buffered, add(np.repeat(groups, k), pool[groups].ravel())])
         n_problems += new_problems
-        req = np.concatenate([buffered, new])
-        it["buffer"][n] = len(buffered)
+        # continuations first, then trajectories not started yet; oldest group first
+        req = req[np.lexsort((req, group[req], tokens[req] == 0))]
+        it["requests"][n] = len(req)
 
-        gen = np.minimum(budget, target[req] - tokens[req])
+        limit = np.minimum(budget, target[req] - tokens[req])
         ctx = work.prompt_len + tokens[req]
-        worker = np.empty(len(req), np.int64)
-        worker[np.argsort(-ctx, kind="stable")] = np.arange(len(req)) % work.workers
-        it["rollout"][n], it["used"][n] = rollout(gen, ctx, worker, work.workers, work.slots,
-                                                  cost)
-        seg = slice(n_seg, n_seg + len(req))
-        seg_traj[seg], seg_iter[seg], seg_tok[seg] = req, n, gen
-        n_seg += len(req)
-        tokens[req] += gen
-        segments[req] += 1
+        n0 = min(len(req), n_slots)
+        first_worker = np.empty(n0, np.int64)
+        first_worker[np.argsort(-ctx[:n0], kind="stable")] = np.arange(n0) % W
+        worker, t0, gen = schedule(limit, first_worker, budget if refill else None, W, S)
+        on = t0 >= 0
+        run = req[on]
+        it["rollout"][n], it["used"][n] = rollout(gen[on], ctx[on], worker[on], W, S, cost,
+                                                  t0[on])
+        it["queued"][n], it["refills"][n] = (~on).sum(), (t0 > 0).sum()
+        new_seg = slice(n_seg, n_seg + len(run))
+        for key, v in (("traj", run), ("iter", n), ("tokens", gen[on]),
+                       ("worker", worker[on]), ("step", t0[on])):
+            seg[key][new_seg] = v
+        n_seg += len(run)
+        start[run[segments[run] == 0]] = n
+        tokens[run] += gen[on]
+        segments[run] += 1
 
-        done = req[tokens[req] == target[req]]
+        done = run[tokens[run] == target[run]]
         status[done], finish[done] = FINISHED, n
         np.subtract.at(pending, group[done], 1)
         complete = np.unique(group[done])
-        complete = complete[pending[complete] == 0]
-        trained_at[complete] = n
-        members = np.isin(group[:n_traj], complete) & (status[:n_traj] == FINISHED)
-        in_loss = members[seg_traj[:n_seg]]
+        trained_at[complete[pending[complete] == 0]] = n
+        members = (trained_at[group[:n_traj]] == n) & (status[:n_traj] == FINISHED)
+        in_loss = members[seg["traj"][:n_seg]]
         if max_staleness is not None:
-            in_loss &= n - seg_iter[:n_seg] <= max_staleness
+            in_loss &= n - seg["iter"][:n_seg] <= max_staleness
         it["trained"][n] = target[:n_traj][members].sum()
-        it["loss"][n] = seg_tok[:n_seg][in_loss].sum()
+        it["loss"][n] = seg["tokens"][:n_seg][in_loss].sum()
         train_tokens = it["trained"][n] + work.prompt_len * members.sum()
-        it["train"][n] = train_tokens / (cost.train_tokens_per_s_per_worker * work.workers)
+        it["train"][n] = train_tokens / (cost.train_tokens_per_s_per_worker * W)
         it["time"][n] = it["rollout"][n] + it["train"][n] + cost.weight_sync
 
     w = slice(work.warmup, iters)
     total = it["time"][w].sum()
     finished_in_window = (finish[:n_traj] >= work.warmup)
     out = dict(
-        budget=budget, max_staleness=max_staleness, max_trajectory_age=max_trajectory_age,
+        budget=budget, refill=refill, max_staleness=max_staleness,
+        max_trajectory_age=max_trajectory_age,
         throughput=float(it["loss"][w].sum() / total),
         throughput_all_tokens=float(it["trained"][w].sum() / total),
-        idle_fraction=float(1 - it["used"][w].sum()
-                            / (work.workers * work.slots * it["rollout"][w].sum())),
+        idle_fraction=float(1 - it["used"][w].sum() / (W * S * it["rollout"][w].sum())),
         rollout_share=float(it["rollout"][w].sum() / total),
         masked_fraction=float(1 - it["loss"][w].sum() / max(it["trained"][w].sum(), 1)),
         mean_iteration_s=float(it["time"][w].mean()),
         mean_rollout_s=float(it["rollout"][w].mean()),
         segments_per_trajectory=float(segments[:n_traj][finished_in_window].mean()),
-        buffer_size=float(it["buffer"][w].mean()),
+        buffer_size=float(it["buffer"][w].mean()), queued=float(it["queued"][w].mean()),
+        refills_per_iteration=float(it["refills"][w].mean()),
         dropped_trajectories=int((status[:n_traj] == DROPPED).sum()),
     )
     if record:
+        per_traj = dict(group=group, target=target, truncated=truncated, status=status,
+                        start=start, finish=finish, tokens=tokens, segments=segments)
         out["records"] = dict(
-            group=group[:n_traj], target=target[:n_traj], truncated=truncated[:n_traj],
-            status=status[:n_traj], start=start[:n_traj], finish=finish[:n_traj],
-            segments=segments[:n_traj], trained_at=trained_at[:n_problems],
-            seg_traj=seg_traj[:n_seg], seg_iter=seg_iter[:n_seg], seg_tokens=seg_tok[:n_seg],
+            trained_at=trained_at[:n_problems], **{key: v[:n_traj] for key, v in per_traj.items()},
+            **{"seg_" + key: v[:n_seg] for key, v in seg.items()},
             per_iteration={key: v.copy() for key, v in it.items()})
     return out
 
 
-def compare(work: Workload | None = None, cost: CostModel | None = None, budget: int = 4096,
-            max_staleness: int | None = None, max_trajectory_age: int | None = None) -> dict:
-    """Sync (budget = cap) vs partial rollouts on the same problems and lengths."""
+def compare(work: Workload | None = None, cost: CostModel | None = None, budget: int = BUDGET,
+            max_staleness: int | None = None, max_trajectory_age: int | None = None,
+            budget_no_refill: int = BUDGET_NO_REFILL) -> dict:
+    """Sync (budget = cap) vs partial rollouts with refill (`budget`) and without
+    (`budget_no_refill`), on the same problems and lengths."""
     work, cost = work or Workload(), cost or CostModel()
-    sync = simulate(work, cost, work.cap)
+    sync = simulate(work, cost, work.cap, refill=False)
     partial = simulate(work, cost, budget, max_staleness, max_trajectory_age)
+    no_refill = simulate(work, cost, budget_no_refill, max_staleness, max_trajectory_age,
+                         refill=False)
     return dict(
         simulated_speedup=partial["throughput"] / sync["throughput"],
+        simulated_speedup_no_refill=no_refill["throughput"] / sync["throughput"],
         throughput_sync=sync["throughput"], throughput_partial=partial["throughput"],
+        throughput_partial_no_refill=no_refill["throughput"],
         idle_fraction_sync=sync["idle_fraction"], idle_fraction_partial=partial["idle_fraction"],
-        budget=budget, cap=work.cap, max_staleness=max_staleness,
-        max_trajectory_age=max_trajectory_age, lengths=length_stats(work),
-        cost_model=asdict(cost), workload=asdict(work), sync=sync, partial=partial)
+        idle_fraction_partial_no_refill=no_refill["idle_fraction"],
+        budget=budget, budget_no_refill=budget_no_refill, cap=work.cap,
+        max_staleness=max_staleness, max_trajectory_age=max_trajectory_age,
+        lengths=length_stats(work), cost_model=asdict(cost), workload=asdict(work),
+        sync=sync, partial=partial, partial_no_refill=no_refill)
 
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     w, c, lm = Workload(), CostModel(), LengthModel()
-    p.add_argument("--budget", type=int, default=4096)
+    p.add_argument("--budget", type=int, default=BUDGET, help="partial rollouts with refill")
+    p.add_argument("--budget-no-refill", type=int, default=BUDGET_NO_REFILL)
     p.add_argument("--max-staleness", type=int, default=None)
     p.add_argument("--max-trajectory-age", type=int, default=None)
     for name, default in [*asdict(w).items(), *asdict(c).items(), *asdict(lm).items()]:
@@ -269,7 +355,7 @@ def main(argv: list[str] | None = None) -> None:
     work = replace(w, lengths=lengths, **{f: a[f] for f in asdict(w) if f != "lengths"})
     cost = CostModel(**{f: a[f] for f in asdict(c)})
     print(json.dumps(compare(work, cost, a["budget"], a["max_staleness"],
-                             a["max_trajectory_age"])))
+                             a["max_trajectory_age"], a["budget_no_refill"])))
 
 
 if __name__ == "__main__":

@@ -87,8 +87,9 @@ class PartialConfig:
     # slots do not wait within an iteration either: a slot whose trajectory ends starts a
     # queued one at once (continuous batching) and the iteration's generation ends after
     # `budget` decode steps; 2 x problems_per_iteration x group_size trajectories are kept
-    # in flight so the queue does not run dry
-    refill: bool = True
+    # in flight so the queue does not run dry. Short responses then finish and train
+    # sooner than long ones, beyond the budget's own effect
+    refill: bool = False
 
 
 @dataclass

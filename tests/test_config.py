@@ -164,7 +164,7 @@ def test_long_cot_experiments(name, caps):
     check_config(cfg)
     ro = cfg.rollout
     assert [ro.max_new_tokens, *ro.max_new_tokens_schedule.values()] == caps
-    assert ro.partial.enabled and ro.partial.budget == caps[0]
+    assert ro.partial.enabled and ro.partial.refill and ro.partial.budget == caps[0]
     assert ro.partial.budget * ro.partial.max_trajectory_age >= caps[-1]
     assert cfg.model.path == "/some/dir" and cfg.data.path == "/some/file"
 

@@ -312,7 +312,8 @@ PARTIAL = RESUMABLE + ["rollout.partial.enabled=true", "rollout.partial.budget=6
                        "eval.after=false", "eval.at_warmup_end=false"]
 
 
-def test_partial_rollouts_train_whole_groups_and_resume(tmp_path, monkeypatch):
+@pytest.mark.parametrize("refill", [False, True], ids=["budget", "refill"])
+def test_partial_rollouts_train_whole_groups_and_resume(tmp_path, monkeypatch, refill):
     """With partial rollouts the loss only ever sees whole, finished groups (each once);
     the replay buffer is in the checkpoint, and a run resumed from iteration 3 continues
     the same parked trajectories: same scalars and final weights as the straight run."""
@@ -328,7 +329,8 @@ def test_partial_rollouts_train_whole_groups_and_resume(tmp_path, monkeypatch):
 
     monkeypatch.setattr(loop, "optimize", recording)
     a_dir = tmp_path / "straight"
-    run(a_dir, PARTIAL + [f"run_dir={a_dir}"])
+    partial = PARTIAL + [f"rollout.partial.refill={refill}"]
+    run(a_dir, partial + [f"run_dir={a_dir}"])
     groups: dict[int, list] = {}
     for batch in trained:
         batch_groups = {g for _, g, _, _ in batch}
@@ -357,7 +359,7 @@ def test_partial_rollouts_train_whole_groups_and_resume(tmp_path, monkeypatch):
     b_dir = tmp_path / "resumed"
     shutil.copytree(a_dir, b_dir)
     (b_dir / "checkpoints" / "latest").write_text("iter_000003.pt")
-    run(b_dir, PARTIAL + [f"run_dir={b_dir}", f"resume={b_dir}"])
+    run(b_dir, partial + [f"run_dir={b_dir}", f"resume={b_dir}"])
     a_s, b_s = scalars(a_dir), scalars(b_dir)
     for tag in a_s:
         if not tag.startswith(CLOCK):
