@@ -52,8 +52,15 @@ def _user_errors(fn):
 @_user_errors
 def train_app(cfg: DictConfig) -> None:
     from .loop import train
+    from .preemption import Preempted, Preemption
 
-    summary = train(cfg, _run_dir(cfg))
+    pe = cfg.preemption
+    try:
+        with Preemption(pe.signals, pe.grace_seconds, pe.exit_code) as preempt:
+            summary = train(cfg, _run_dir(cfg), preempt)
+    except Preempted as e:
+        print(f"kimi-rl: {e}", file=sys.stderr, flush=True)
+        sys.exit(e.exit_code)
     keys = ("eval_before", "eval_after", "sft_control", "trained_levels",
             "correct_length_at_warmup_end", "correct_length_final", "wall_seconds")
     print(json.dumps({k: summary[k] for k in keys if k in summary}, default=str))

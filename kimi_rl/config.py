@@ -187,6 +187,17 @@ class EvalConfig:
 
 
 @dataclass
+class PreemptionConfig:
+    """What SLURM sends before a time limit or preemption stops the run at the next safe
+    point (after the current RL iteration, or SFT step) with a checkpoint, and the command
+    exits with `exit_code` so the batch script can requeue it (launch/kimi_rl.sbatch)."""
+
+    signals: List[str] = field(default_factory=lambda: ["SIGTERM", "SIGUSR1"])
+    grace_seconds: float = 120.0  # after the signal, exit even if no checkpoint was written
+    exit_code: int = 75  # EX_TEMPFAIL
+
+
+@dataclass
 class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     algo: AlgoConfig = field(default_factory=AlgoConfig)
@@ -197,6 +208,7 @@ class TrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    preemption: PreemptionConfig = field(default_factory=PreemptionConfig)
     iterations: int = 100
     seed: int = 0
     run_dir: Optional[str] = None  # default: Hydra's output directory
@@ -239,6 +251,11 @@ def check_config(cfg: TrainConfig) -> None:
             f"one of {list(REF_LOGPROBS)}")
     require("reward.truncated_reward", rw.truncated_reward,
             rw.truncated_reward in TRUNCATED_REWARDS, f"one of {list(TRUNCATED_REWARDS)}")
+    pe = cfg.preemption
+    require("preemption.exit_code", pe.exit_code, 1 <= pe.exit_code <= 255,
+            "an integer in 1..255")
+    require("preemption.grace_seconds", pe.grace_seconds,
+            math.isfinite(pe.grace_seconds) and pe.grace_seconds >= 0, "a number >= 0")
     pr = ro.partial
     if pr.enabled:
         require("rollout.partial.budget", pr.budget, pr.budget >= 1, "an integer >= 1")

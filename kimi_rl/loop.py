@@ -38,6 +38,7 @@ from .data import load_task
 from .evaluate import evaluate, format_accuracy
 from .logging import RunLogger
 from .policy.packing import pack
+from .preemption import Preempted, Preemption
 from .rewards.length import length_penalty_weight
 from .rewards.repetition import RepeatDetection
 from .rewards.verify import get_verifier
@@ -47,8 +48,11 @@ from .rollout.samples import Sample, score_groups
 from .sft import encode_demos, run_sft
 
 
-def train(cfg: TrainConfig, run_dir: str | Path) -> dict:
-    """Run (or resume) RL training in `run_dir`; returns the summary written to summary.json."""
+def train(cfg: TrainConfig, run_dir: str | Path, preempt: Preemption | None = None) -> dict:
+    """Run (or resume) RL training in `run_dir`; returns the summary written to summary.json.
+
+    With `preempt` (signal handlers installed by the command), a requested stop ends the
+    run at the next safe point with a checkpoint, raising `Preempted`."""
     t_start = time.perf_counter()
     check_config(cfg)
     run_dir = Path(run_dir)
@@ -96,14 +100,28 @@ def train(cfg: TrainConfig, run_dir: str | Path) -> dict:
     wall0 = summary["wall_seconds"]  # time spent by earlier processes of this run
     log = RunLogger(run_dir, start, cfg.progress)
     log.print(f"run directory: {run_dir}")
+
+    def stop_if_requested(where: str) -> None:
+        if preempt is None or not preempt.requested:
+            return
+        preempt.done()
+        log.close()
+        resume = (f"resume={run_dir} continues it"
+                  if (run_dir / "checkpoints" / checkpoint.LATEST).is_file()
+                  else "no checkpoint yet: a new run starts from scratch")
+        raise Preempted(f"stopped on {preempt.received} {where}; {resume}", preempt.exit_code)
+
     if not cfg.resume:
         (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
         if cfg.sft.enabled:
             bar = log.start_bar("sft", cfg.sft.steps)
+            def on_step(step, loss):
+                bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
+                bar.update(1)
+                stop_if_requested("during the SFT cold start")
+
             stats = run_sft(policy, demos, cfg.sft, cfg.seed, steps=cfg.sft.steps,
-                            on_step=lambda step, loss: (bar.set_postfix(loss=f"{loss:.3f}",
-                                                                        refresh=False),
-                                                        bar.update(1)))
+                            on_step=on_step)
             log.print(f"sft cold start: {stats['steps']} steps, loss {stats['loss']:.4f}, "
                       f"{stats['seconds']:.1f} s on {len(demos)} demonstrations")
             engine.update_weights(policy.export_weights())
@@ -132,14 +150,17 @@ def train(cfg: TrainConfig, run_dir: str | Path) -> dict:
         log.step({k: metrics[m] for k, m in (("reward", "reward/mean"),
                                              ("acc", "accuracy/train"),
                                              ("len", "response_length/mean")) if m in metrics})
-        if (it + 1) % cfg.checkpoint_every == 0 or it + 1 == cfg.iterations:
+        stopping = preempt is not None and preempt.requested
+        if (it + 1) % cfg.checkpoint_every == 0 or it + 1 == cfg.iterations or stopping:
             summary["wall_seconds"] = wall0 + time.perf_counter() - t_start
             checkpoint.save(run_dir, f"iter_{it + 1:06d}", {
                 "iteration": it + 1, "policy": policy.state_dict(), "engine": engine.state_dict(),
                 "sampler": sampler.state_dict(), "rollouts": rollouts.state_dict(),
                 "rng": checkpoint.rng_state(),
                 "summary": summary, "config": OmegaConf.to_container(cfg)})
+        stop_if_requested(f"after iteration {it + 1} (checkpoint iter_{it + 1:06d}.pt)")
 
+    stop_if_requested(f"after iteration {cfg.iterations}, before the final evaluation")
     if cfg.eval.after:
         run_eval("after RL", "eval_after")
     save_hf(policy, tokenizer, run_dir / "hf_model")

@@ -1,0 +1,135 @@
+"""launch/kimi_rl.sbatch on a real single-node SLURM (Debian's slurm-wlm), started here:
+a signal before the time limit stops the trainer with a checkpoint, the script requeues
+the job, and the requeued job resumes and completes the run."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from test_loop import TINY
+
+ROOT = Path(__file__).resolve().parent.parent
+SBATCH = ROOT / "launch" / "kimi_rl.sbatch"
+pytestmark = pytest.mark.slow
+
+
+def ensure_slurm() -> None:
+    """Install Debian's SLURM if it is missing and this user can (root with apt-get)."""
+    if shutil.which("slurmctld") and shutil.which("slurmd"):
+        return
+    if os.geteuid() != 0 or not shutil.which("apt-get"):
+        pytest.skip("SLURM is not installed and cannot be installed here (needs root apt-get)")
+    res = subprocess.run(["apt-get", "install", "-y", "slurm-wlm"], capture_output=True,
+                         text=True, timeout=600)
+    if res.returncode != 0:
+        pytest.skip(f"apt-get install slurm-wlm failed: {res.stderr[-500:]}")
+
+
+@pytest.fixture(scope="module")
+def slurm(tmp_path_factory):
+    """slurmctld + slurmd on localhost (own ports and directories); yields the client env."""
+    ensure_slurm()
+    d = tmp_path_factory.mktemp("slurm")
+    (d / "state").mkdir()
+    (d / "spool").mkdir()
+    host = socket.gethostname()
+    conf = d / "slurm.conf"
+    conf.write_text(f"""\
+ClusterName=kimitest
+SlurmctldHost={host}(127.0.0.1)
+SlurmctldPort=16817
+SlurmdPort=16818
+AuthType=auth/none
+CredType=cred/none
+AuthInfo=cred_expire=5
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+SelectType=select/cons_tres
+SelectTypeParameters=CR_CPU
+StateSaveLocation={d}/state
+SlurmdSpoolDir={d}/spool
+SlurmctldPidFile={d}/slurmctld.pid
+SlurmdPidFile={d}/slurmd.pid
+SlurmctldLogFile={d}/slurmctld.log
+SlurmdLogFile={d}/slurmd.log
+SlurmUser={os.environ.get("USER", "root")}
+ReturnToService=2
+JobRequeue=1
+SchedulerParameters=sched_interval=1
+MinJobAge=600
+NodeName={host} NodeAddr=127.0.0.1 CPUs={os.cpu_count() or 1} State=UNKNOWN
+PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
+""")
+    env = {**os.environ, "SLURM_CONF": str(conf)}
+    daemons = [subprocess.Popen([daemon, "-D"], env=env, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.STDOUT) for daemon in ("slurmctld", "slurmd")]
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            res = subprocess.run(["sinfo", "-h", "-o", "%t"], env=env, capture_output=True,
+                                 text=True)
+            if res.stdout.strip() == "idle":
+                break
+            time.sleep(0.5)
+        else:
+            pytest.fail(f"SLURM did not come up:\n{(d / 'slurmctld.log').read_text()[-2000:]}")
+        yield env
+    finally:
+        subprocess.run(["scancel", "--user", os.environ.get("USER", "root")], env=env,
+                       capture_output=True)
+        for p in daemons:
+            p.terminate()
+        for p in daemons:
+            try:
+                p.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                p.kill()
+
+
+def job_field(env: dict, job: str, name: str) -> str:
+    out = subprocess.run(["scontrol", "show", "job", "-o", job], env=env, capture_output=True,
+                         text=True).stdout
+    fields = dict(f.split("=", 1) for f in out.split() if "=" in f)
+    return fields.get(name, "")
+
+
+def test_preempted_job_is_requeued_and_resumes(slurm, tmp_path):
+    run_dir, log = tmp_path / "run", tmp_path / "job.out"
+    env = {**slurm, "RUN_DIR": str(run_dir), "KIMI_RL": f"{sys.executable} -m kimi_rl.cli",
+           "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    overrides = TINY + ["iterations=60", "checkpoint_every=20", "eval.at_warmup_end=false"]
+    res = subprocess.run(["sbatch", "--parsable", f"--output={log}", f"--chdir={tmp_path}",
+                          str(SBATCH), *overrides], env=env, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    job = res.stdout.strip().split(";")[0]
+    try:
+        deadline = time.monotonic() + 180
+        while "held-out (before RL)" not in (log.read_text() if log.exists() else ""):
+            assert time.monotonic() < deadline, log.read_text() if log.exists() else "no log"
+            time.sleep(0.1)
+        # what --signal=B:USR1@N sends before the time limit: to the batch shell only
+        subprocess.run(["scancel", "--signal=USR1", "--batch", job], env=env, check=True)
+        while job_field(env, job, "JobState") != "COMPLETED":
+            assert job_field(env, job, "JobState") not in ("FAILED", "CANCELLED", "TIMEOUT"), \
+                log.read_text()
+            assert time.monotonic() < deadline + 120, log.read_text()
+            time.sleep(1)
+    finally:
+        subprocess.run(["scancel", job], env=env, capture_output=True)
+    text = log.read_text()
+    assert job_field(env, job, "Restarts") == "1", text
+    for line in ("kimi-rl.sbatch: forwarding SIGUSR1", "stopped on SIGUSR1 after iteration",
+                 "requeueing", f"(restart 1) resumes {run_dir}"):
+        assert line in text, text
+    stopped = int(text.split("stopped on SIGUSR1 after iteration ")[1].split()[0])
+    assert 1 <= stopped < 60
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["iterations"] == 60
