@@ -176,7 +176,9 @@ class SFTConfig:
 
 @dataclass
 class EvalConfig:
-    """Held-out greedy evaluation per difficulty level."""
+    """Held-out greedy evaluation per difficulty level; `kimi-rl eval` also reports
+    pass@k and maj@k over `samples` responses per problem, sampled at rollout.temperature
+    and rollout.top_p."""
 
     before: bool = True
     after: bool = True
@@ -184,6 +186,9 @@ class EvalConfig:
     max_new_tokens: int = 256
     every: int = 0  # also every N iterations (0 = off)
     checkpoint: Optional[str] = None  # `kimi-rl eval`: a run directory to evaluate
+    samples: int = 0  # `kimi-rl eval`: n responses per problem for pass@k, maj@k (0 = off)
+    k: List[int] = field(default_factory=lambda: [1])  # the k values, each in 1..samples
+    seed: int = 0  # sampling seed of those responses
 
 
 @dataclass

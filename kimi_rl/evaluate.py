@@ -1,10 +1,12 @@
-"""Held-out evaluation per difficulty level."""
+"""Held-out evaluation per difficulty level: greedy accuracy, and pass@k / maj@k over
+n sampled responses per problem."""
 
 from __future__ import annotations
 
 import json
-from collections import defaultdict
-from collections.abc import Sequence
+import math
+from collections import Counter, defaultdict
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from omegaconf import OmegaConf
@@ -13,9 +15,9 @@ from transformers import PreTrainedTokenizerBase
 from . import checkpoint
 from .build import build_engine, build_policy
 from .config import TrainConfig
-from .data import load_task
+from .data import load_task, modsum
 from .data.problems import Problem
-from .rewards.verify import get_verifier
+from .rewards.verify import _normalise, final_answer, get_verifier
 from .rollout.engine import RolloutEngine, SamplingParams
 from .rollout.samples import generate_groups
 
@@ -47,10 +49,99 @@ def format_accuracy(title: str, acc: dict[int, float]) -> str:
     return f"{title:<22} {cells}"
 
 
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k from n responses of which c are correct: the chance that k of them,
+    drawn without replacement, hold a correct one, 1 - C(n-c, k) / C(n, k)."""
+    if not (0 <= c <= n and 1 <= k <= n):
+        raise ValueError(f"pass@k needs 0 <= c <= n and 1 <= k <= n (n={n}, c={c}, k={k})")
+    return 1.0 - math.comb(n - c, k) / math.comb(n, k)
+
+
+def majority(answers: Sequence[str | None]) -> str | None:
+    """The most frequent answer; a tie goes to the answer seen first. None answers (no
+    final answer found) do not vote; None if no response has an answer."""
+    counts = Counter(a for a in answers if a is not None)
+    return max(counts, key=counts.__getitem__) if counts else None  # max keeps the first
+
+
+# task -> the final answer of a response, as votes compare it (the verifier's view of it)
+ANSWER_EXTRACTORS: dict[str, Callable[[str], str | None]] = {
+    "modsum": modsum.extract_answer,  # the final `answer N` line
+    "math": lambda r: None if (a := final_answer(r)) is None else _normalise(a),
+}
+
+
+def answer_extractor(task: str) -> Callable[[str], str | None]:
+    if task not in ANSWER_EXTRACTORS:
+        raise ValueError(f"no answer extractor for task {task!r} "
+                         f"(choose from {sorted(ANSWER_EXTRACTORS)})")
+    return ANSWER_EXTRACTORS[task]
+
+
+def by_level(problems: Sequence[Problem], values: Sequence[float]) -> dict[str, float]:
+    """Mean per level ("1", "2", ... in order) and over all problems ("all")."""
+    groups: dict[int, list[float]] = defaultdict(list)
+    for p, v in zip(problems, values, strict=True):
+        groups[p.level].append(v)
+    out = {str(lv): sum(v) / len(v) for lv, v in sorted(groups.items())}
+    out["all"] = sum(values) / len(values)
+    return out
+
+
+def sampled_metrics(engine: RolloutEngine, tokenizer: PreTrainedTokenizerBase,
+                    problems: Sequence[Problem], n: int, ks: Sequence[int],
+                    max_new_tokens: int, params: SamplingParams) -> dict:
+    """pass@k and maj@k from n sampled responses per problem (one engine call), per level
+    and over all problems: {"pass@k": {"k": {"level": v, ..., "all": v}}, "maj@k": ...}.
+
+    pass@k: the unbiased estimate from all n responses (correct: verifier score 1).
+    maj@k: a majority vote over the final answers of the first k responses, scored by the
+    verifier on the first of them that carries the voted answer (0 if none has an answer).
+    """
+    samples = generate_groups(engine, tokenizer, problems, n, max_new_tokens, params)
+    pass_k: dict[int, list[float]] = {k: [] for k in ks}
+    maj_k: dict[int, list[float]] = {k: [] for k in ks}
+    for i, p in enumerate(problems):
+        texts = [s.text for s in samples[i * n:(i + 1) * n]]
+        scores = [get_verifier(p.task)(p, t) for t in texts]
+        answers = [answer_extractor(p.task)(t) for t in texts]
+        correct = sum(x == 1.0 for x in scores)
+        for k in ks:
+            pass_k[k].append(pass_at_k(n, correct, k))
+            vote = majority(answers[:k])
+            maj_k[k].append(0.0 if vote is None else scores[answers.index(vote)])
+    return {name: {str(k): by_level(problems, v[k]) for k in ks}
+            for name, v in (("pass@k", pass_k), ("maj@k", maj_k))}
+
+
+def format_metrics(metrics: dict) -> str:
+    """A table: a row per level and one for all problems, a column per pass@k, maj@k."""
+    cols = [(f"{name[:-1]}{k}", per_level) for name in ("pass@k", "maj@k")
+            for k, per_level in metrics[name].items()]
+    rows = [f"{'level':<6}" + "".join(f"{title:>9}" for title, _ in cols)]
+    for lv in cols[0][1]:
+        label = lv if lv == "all" else f"L{lv}"
+        rows.append(f"{label:<6}" + "".join(f"{100 * v[lv]:9.1f}" for _, v in cols))
+    return "\n".join(rows)
+
+
 def run_evaluation(cfg, out_dir) -> dict:
-    """`kimi-rl eval`: greedy held-out accuracy of a run's latest checkpoint
-    (eval.checkpoint=<run dir>) or of model.path, written to <out_dir>/eval.json."""
+    """`kimi-rl eval`: held-out accuracy of a run's latest checkpoint (eval.checkpoint=<run
+    dir>) or of model.path, greedy, and with eval.samples=n also pass@k and maj@k for
+    k in eval.k from n responses per problem sampled at rollout.temperature and
+    rollout.top_p (seed eval.seed), written to <out_dir>/eval.json.
+
+    The problems are the task's held-out split (for a JSONL file, up to
+    data.test_per_level per level, never more than a fifth of a level's problems); when
+    that split is empty (data.test_per_level=0, or a file too small), every problem."""
+    n, ks = cfg.eval.samples, list(cfg.eval.k)
+    if n < 0 or (n and (not ks or not all(1 <= k <= n for k in ks))):
+        raise ValueError(f"eval.k={ks}: each k must be in 1..eval.samples={n} "
+                         "(eval.samples=0: no sampling)")
     task = load_task(cfg.data)
+    problems = task.test or task.train
+    if not task.test:
+        print(f"no held-out problems: evaluating on all {len(problems)} problems")
     if cfg.eval.checkpoint:
         state = checkpoint.load(checkpoint.latest(cfg.eval.checkpoint))
         saved = OmegaConf.merge(OmegaConf.structured(TrainConfig), state["config"])
@@ -59,9 +150,19 @@ def run_evaluation(cfg, out_dir) -> dict:
     else:
         policy, tokenizer = build_policy(cfg, task)
     engine = build_engine(cfg, policy, tokenizer)
-    result = evaluate(engine, tokenizer, task.test, cfg.eval.max_new_tokens)
+    result = evaluate(engine, tokenizer, problems, cfg.eval.max_new_tokens)
     print(format_accuracy("held-out accuracy", result["accuracy"]))
     out = {"accuracy": result["accuracy"], "correct_length": result["correct_length"]}
+    if n:
+        params = SamplingParams(cfg.rollout.temperature, cfg.rollout.top_p, seed=cfg.eval.seed)
+        metrics = sampled_metrics(engine, tokenizer, problems, n, ks,
+                                  cfg.eval.max_new_tokens, params)
+        print(f"{n} samples per problem (temperature {params.temperature}, "
+              f"top_p {params.top_p}), %:")
+        print(format_metrics(metrics))
+        out.update(metrics)
+        out["sampling"] = {"samples": n, "temperature": params.temperature,
+                           "top_p": params.top_p, "seed": params.seed}
     Path(out_dir).mkdir(parents=True, exist_ok=True)
     (Path(out_dir) / "eval.json").write_text(json.dumps(out, indent=2))
     return out
