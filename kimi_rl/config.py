@@ -147,10 +147,19 @@ class CurriculumConfig:
 
 @dataclass
 class DataConfig:
-    """Problems: a built-in task, or a JSONL file (fields prompt, answer, difficulty)."""
+    """Problems: a built-in task, or a problem file: JSONL (.jsonl/.json), Parquet, or a
+    directory written by `datasets`' save_to_disk (fields prompt, answer, and optional
+    difficulty, task, id, tests; see kimi_rl.data.problems)."""
 
-    task: str = "modsum"  # built-in task, used when `path` is not set
+    # built-in task when `path` is not set; else the default task of the file's rows
+    # (math when this is left at modsum)
+    task: str = "modsum"
     path: Optional[str] = None
+    # our field -> the file's column, e.g. {prompt: question, answer: final_answer}; fields:
+    # prompt, answer, difficulty, task, id, tests (unmapped fields use their own name);
+    # set on the command line with ++data.columns={...} or +data.columns.prompt=question
+    columns: Dict[str, str] = field(default_factory=dict)
+    bad_rows: str = "fail"  # fail: the first bad row stops the run; skip: skip and report them
     levels: List[int] = field(default_factory=lambda: [1, 2, 3, 4, 5, 6])
     train_per_level: int = 2000
     test_per_level: int = 100

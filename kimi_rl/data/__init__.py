@@ -1,15 +1,18 @@
-"""Problem sources: the built-in graded task, or a JSONL problem file."""
+"""Problem sources: the built-in graded task, or a problem file (JSONL, Parquet or a saved
+`datasets` directory; see `problems` for the schema)."""
 
 from __future__ import annotations
 
 import random
+import sys
 from dataclasses import dataclass, field
 
 from ..config import DataConfig
 from . import modsum
-from .problems import DataError, Problem, load_jsonl
+from .problems import DataError, LoadReport, Problem, load_jsonl, load_problems
 
-__all__ = ["DataError", "Problem", "TaskData", "load_task", "load_jsonl"]
+__all__ = ["DataError", "LoadReport", "Problem", "TaskData", "load_task", "load_jsonl",
+           "load_problems"]
 
 
 @dataclass
@@ -40,7 +43,11 @@ class TaskData:
 
 def load_task(cfg: DataConfig) -> TaskData:
     if cfg.path:
-        problems = load_jsonl(cfg.path)
+        # rows without a task: data.task, except the built-in default (files are math)
+        row_task = "math" if cfg.task == "modsum" else cfg.task
+        problems, report = load_problems(cfg.path, row_task, dict(cfg.columns), cfg.bad_rows)
+        if report.skipped:
+            print(report.summary(), file=sys.stderr, flush=True)
         rng = random.Random(cfg.seed)
         test_ids = set()
         for level in sorted({p.level for p in problems}):
