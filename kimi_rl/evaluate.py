@@ -17,7 +17,7 @@ from .build import build_engine, build_policy
 from .config import TrainConfig
 from .data import load_task, modsum
 from .data.problems import Problem
-from .rewards.verify import _normalise, final_answer, get_verifier
+from .rewards.verify import final_answer, get_verifier, normalise_answer
 from .rollout.engine import RolloutEngine, SamplingParams
 from .rollout.samples import generate_groups
 
@@ -67,7 +67,7 @@ def majority(answers: Sequence[str | None]) -> str | None:
 # task -> the final answer of a response, as votes compare it (the verifier's view of it)
 ANSWER_EXTRACTORS: dict[str, Callable[[str], str | None]] = {
     "modsum": modsum.extract_answer,  # the final `answer N` line
-    "math": lambda r: None if (a := final_answer(r)) is None else _normalise(a),
+    "math": lambda r: None if (a := final_answer(r)) is None else normalise_answer(a),
 }
 
 

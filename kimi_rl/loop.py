@@ -115,6 +115,7 @@ def train(cfg: TrainConfig, run_dir: str | Path, preempt: Preemption | None = No
         (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
         if cfg.sft.enabled:
             bar = log.start_bar("sft", cfg.sft.steps)
+
             def on_step(step, loss):
                 bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
                 bar.update(1)

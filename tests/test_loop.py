@@ -356,6 +356,9 @@ def test_partial_rollouts_train_whole_groups_and_resume(tmp_path, monkeypatch, r
     assert "partial/token_age" in events(a_dir).Tags()["histograms"]
 
     monkeypatch.setattr(loop, "optimize", original)
+    # event files are read in name order, and names start with the second they were
+    # opened in: the resumed run's file must come after the straight run's
+    time.sleep(1.1)
     b_dir = tmp_path / "resumed"
     shutil.copytree(a_dir, b_dir)
     (b_dir / "checkpoints" / "latest").write_text("iter_000003.pt")

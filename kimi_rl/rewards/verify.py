@@ -122,8 +122,8 @@ def _final(response: str) -> tuple[str | None, bool]:
         start, lo, hi = boxes[-1]
         answer = tail[lo:hi].strip()
         para = max((m.end() for m in _BLANK_LINE.finditer(tail, 0, start)), default=0)
-        key = _normalise(answer)
-        hedged = any(_normalise(tail[b_lo:b_hi]) != key
+        key = normalise_answer(answer)
+        hedged = any(normalise_answer(tail[b_lo:b_hi]) != key
                      for b_start, b_lo, b_hi in boxes[:-1] if b_start >= para)
         return answer, hedged
     lines = [ln for ln in tail.strip().splitlines() if ln.strip()]
@@ -140,14 +140,15 @@ def final_answer(response: str) -> str | None:
     return _final(response)[0]
 
 
-def _normalise(s: str) -> str:
+def normalise_answer(s: str) -> str:
+    """Whitespace removed, a trailing period dropped, lower case: how answers compare as text."""
     return re.sub(r"\s+", "", s).rstrip(".").lower()
 
 
 def verify_exact(problem: Problem, response: str) -> float:
     """Exact match of the normalised final answer (whitespace, case, trailing period)."""
     ans = final_answer(response)
-    return float(ans is not None and _normalise(ans) == _normalise(problem.answer))
+    return float(ans is not None and normalise_answer(ans) == normalise_answer(problem.answer))
 
 
 # ---------------------------------------------------------------- math (math-verify)
@@ -294,7 +295,7 @@ def verify_math(problem: Problem, response: str) -> float:
     ans, hedged = _final(response)
     if ans is None or hedged or len(ans) > MAX_ANSWER_CHARS:
         return 0.0
-    if _normalise(ans) == _normalise(problem.answer):
+    if normalise_answer(ans) == normalise_answer(problem.answer):
         return 1.0
     words, gold = _reference(problem.answer)
     if words is not None:
