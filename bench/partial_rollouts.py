@@ -117,7 +117,7 @@ def combine(runs: list[dict]) -> dict:
     out = {k: float(np.mean([r[k] for r in runs])) for k in runs[0] if k not in TOTALS}
     for k in TOTALS:
         out[k] = sum(r[k] for r in runs)
-    out["trained_tokens_per_s"] = out["steady_trained_tokens"] / out["steady_seconds"]
+    out["trained_tokens_per_s"] = rate(out)
     out["trained_tokens_per_s_whole_run"] = out["trained_tokens"] / out["rl_seconds"]
     return out
 

@@ -127,13 +127,9 @@ class PartialRollouts:
                   else min(self.budget, cap - len(s.tokens)) for s in todo]
         requests = [Request(s.prompt_ids, s.tokens) for s in todo]
         window = self.refill and self.budget is not None
-        if not todo:
-            segments = []
-        elif window:
-            segments = engine.generate(requests, limits, params, max_running=self.slots,
-                                       max_steps=self.budget)
-        else:
-            segments = engine.generate(requests, limits, params)
+        segments = engine.generate(requests, limits, params,
+                                   max_running=self.slots if window else None,
+                                   max_steps=self.budget if window else None) if todo else []
         for s, seg in zip(todo, segments, strict=True):
             if seg.finish_reason == "pending":  # not started before the call ended
                 continue
