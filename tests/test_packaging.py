@@ -12,10 +12,17 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import Qwen2Config, Qwen2ForCausalLM
+from transformers import (
+    AutoModelForCausalLM,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
 
+from kimi_rl import checkpoint
 from kimi_rl.data import modsum
 from kimi_rl.data.tokenizer import char_tokenizer
+from kimi_rl.policy.model import load_pretrained
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -66,12 +73,31 @@ def test_local_qwen2_directory_trains_on_a_problem_file(tmp_path):
            "sft.control=false", "iterations=2", "rollout.problems_per_iteration=4",
            "rollout.group_size=2", "rollout.max_new_tokens=8", "eval.max_new_tokens=8",
            "curriculum.stages=[{start: 0, levels: {}}]", "progress=false",
-           f"run_dir={run}", "num_threads=1"]
+           f"run_dir={run}", "num_threads=1",
+           # rewards that differ within a group (a random model is never correct): the
+           # weights move, so the export can be told apart from the initial model
+           "reward.length_penalty_weight=0.5", "reward.length_penalty_warmup=0"]
     subprocess.run(cmd, check=True, cwd=tmp_path, capture_output=True, text=True)
     summary = json.loads((run / "summary.json").read_text())
     assert set(summary["eval_after"]) == {"1", "2"}
-    reloaded = Qwen2ForCausalLM.from_pretrained(run / "hf_model")
-    assert reloaded.config.model_type == "qwen2"
+    # the export is the trained policy: transformers loads it directly (AutoModel and
+    # AutoTokenizer, nothing of kimi_rl), with the final checkpoint's weights and tokenizer
+    reloaded = AutoModelForCausalLM.from_pretrained(run / "hf_model")
+    assert isinstance(reloaded, Qwen2ForCausalLM)
+    final = checkpoint.load(checkpoint.latest(run))["policy"]["model"]
+    exported = reloaded.state_dict()
+    assert set(exported) == set(final)
+    for name, t in final.items():
+        assert torch.equal(exported[name], t), name
+    assert any(not torch.equal(final[n], t) for n, t in model.state_dict().items())  # trained
+    # transformers' AutoTokenizer rebuilds a qwen2 directory's tokenizer from Qwen2's code
+    # (not this character tokenizer); the file itself is exact, and model.path reads it so
+    exported_tok = PreTrainedTokenizerFast.from_pretrained(run / "hf_model")
+    for prompt in (train[0].prompt, "m6 y0\n"):
+        assert exported_tok(prompt).input_ids == tok(prompt).input_ids
+        assert load_pretrained(str(run / "hf_model"), "float32")[1](prompt).input_ids == \
+            tok(prompt).input_ids
+    assert exported_tok.eos_token_id == tok.eos_token_id
 
 
 def test_default_run_directory_is_made_under_runs(tmp_path):

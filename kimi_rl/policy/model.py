@@ -15,6 +15,7 @@ from transformers import (
     LlamaConfig,
     PreTrainedModel,
     PreTrainedTokenizerBase,
+    PreTrainedTokenizerFast,
     Qwen2Config,
 )
 
@@ -70,10 +71,22 @@ def load_pretrained(path: str, dtype: str) -> tuple[PreTrainedModel, PreTrainedT
         raise ValueError(
             f"model.path: {p} is a {model.config.model_type!r} model; supported: {SUPPORTED}"
         )
-    tokenizer = AutoTokenizer.from_pretrained(p)
+    tokenizer = load_tokenizer(p)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer
+
+
+def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
+    """The directory's tokenizer exactly as its tokenizer.json defines it. transformers'
+    AutoTokenizer rebuilds some families' pipelines from code (a qwen2 config gets Qwen2's
+    pre-tokenizer whatever tokenizer.json says), which silently re-tokenizes a custom
+    tokenizer saved with such a model; the generic fast tokenizer reads the file as is
+    (and gives the same ids as AutoTokenizer for the model's own tokenizer)."""
+    p = Path(path)
+    if (p / "tokenizer.json").is_file():
+        return PreTrainedTokenizerFast.from_pretrained(p)
+    return AutoTokenizer.from_pretrained(p)
 
 
 def smollm2_dir(cache_dir: str | Path | None = None) -> Path:
