@@ -71,17 +71,22 @@ def score_groups(samples: Sequence[Sample], verify: Callable[[Problem, str], flo
     (SPEC.md section 2). Fills correct, length_reward and reward in place.
 
     Every response is verified, a repeat-terminated one too (it seldom has a final
-    answer). A "repeat" response loses `repeat_penalty` besides (>= 0). A truncated one
-    ("length") is scored like any other with truncated_reward="verify"; with "zero" its
+    answer). A verifier with a `batch` method (the code verifier: parallel sandboxes)
+    scores all responses in one call; others are called one response at a time. A
+    "repeat" response loses `repeat_penalty` besides (>= 0). A truncated one ("length")
+    is scored like any other with truncated_reward="verify"; with "zero" its
     reward and length reward are 0 (`correct` still holds the verifier's result, and its
     length still counts for the group's min and max lengths).
     """
     if truncated_reward not in TRUNCATED_REWARDS:
         raise ValueError(f"truncated_reward: unknown value {truncated_reward!r} "
                          f"(choose from {list(TRUNCATED_REWARDS)})")
+    batch = getattr(verify, "batch", None)
+    scores = (batch([s.problem for s in samples], [s.text for s in samples]) if batch
+              else [verify(s.problem, s.text) for s in samples])
     groups: dict[int, list[Sample]] = {}
-    for s in samples:
-        s.correct = verify(s.problem, s.text)
+    for s, score in zip(samples, scores, strict=True):
+        s.correct = score
         groups.setdefault(s.group, []).append(s)
     for members in groups.values():
         lens = length_rewards([len(s.tokens) for s in members], [s.correct == 1.0 for s in members])
