@@ -7,8 +7,10 @@ import random
 import sys
 from dataclasses import dataclass, field
 
+from omegaconf import OmegaConf
+
 from ..config import DataConfig
-from . import modsum
+from . import modsum, reasoning_gym
 from .problems import DataError, LoadReport, Problem, load_jsonl, load_problems
 
 __all__ = ["DataError", "LoadReport", "Problem", "TaskData", "load_task", "load_jsonl",
@@ -57,8 +59,15 @@ def load_task(cfg: DataConfig) -> TaskData:
             train=[p for p in problems if p.id not in test_ids],
             test=[p for p in problems if p.id in test_ids],
         )
+    if cfg.task == reasoning_gym.TASK:
+        plain = OmegaConf.to_container if OmegaConf.is_config(cfg) else dict
+        train, test = reasoning_gym.generate(
+            list(cfg.rg_datasets), plain(cfg.rg_levels), cfg.train_per_level,
+            cfg.test_per_level, cfg.seed)
+        return TaskData(train, test, vocabulary=reasoning_gym.vocabulary(train + test))
     if cfg.task != "modsum":
-        raise ValueError(f"data.task: unknown built-in task {cfg.task!r} (choose from ['modsum'])")
+        raise ValueError(f"data.task: unknown built-in task {cfg.task!r} "
+                         f"(choose from ['modsum', '{reasoning_gym.TASK}'])")
     demos = {int(k): int(v) for k, v in cfg.demos.items() if int(v) > 0}
     bad = sorted(set(demos) - set(cfg.levels))
     if bad:
