@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import random
 import re
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -59,8 +60,18 @@ def save(run_dir: str | Path, name: str, state: dict[str, Any], keep: int = 2,
             break
         if p not in protected:
             p.unlink()
+            remove_dir(policy_dir(run_dir, p.stem))
             excess -= 1
     return path
+
+
+def policy_dir(run_dir: str | Path, name: str) -> Path:
+    """Where a sharded policy (megatron backend) of checkpoint <name> lives."""
+    return Path(run_dir) / "checkpoints" / f"{name}.policy"
+
+
+def remove_dir(path: Path) -> None:
+    shutil.rmtree(path, ignore_errors=True)
 
 
 def latest(run_dir: str | Path) -> Path:
