@@ -57,6 +57,16 @@ class HFPolicy:
         model.config.use_cache = False
         self.optimizer = self._make_optimizer()
 
+    @property
+    def no_dropout(self) -> bool:
+        """No dropout anywhere in the model: a forward pass in training mode gives the same
+        logprobs as one in eval mode (the loop then takes pi_theta_i's logprobs from the
+        first optimizer step's own forward pass instead of a separate one)."""
+        if float(getattr(self.model.config, "attention_dropout", 0.0) or 0.0) > 0:
+            return False
+        return not any(isinstance(m, torch.nn.modules.dropout._DropoutNd) and m.p > 0
+                       for m in self.model.modules())
+
     def _make_optimizer(self, lr: float | None = None) -> torch.optim.Optimizer:
         return torch.optim.AdamW(
             self.model.parameters(), lr=self.algo.lr if lr is None else lr,
