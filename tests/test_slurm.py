@@ -133,3 +133,64 @@ def test_preempted_job_is_requeued_and_resumes(slurm, tmp_path):
     assert 1 <= stopped < 60
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["iterations"] == 60
+
+
+MULTINODE = ROOT / "launch" / "kimi_rl_multinode.sbatch"
+
+
+def test_multinode_script_requeues_and_resumes(slurm, tmp_path):
+    """launch/kimi_rl_multinode.sbatch on one node: srun starts torchrun (c10d rendezvous),
+    torchrun the trainer; SIGUSR1 to the batch shell is forwarded to the job step, where
+    torchrun ignores it and the trainer stops with a checkpoint; the script requeues the
+    job, which resumes through torchrun and completes the run."""
+    run_dir, log = tmp_path / "run", tmp_path / "job.out"
+    env = {**slurm, "RUN_DIR": str(run_dir), "NPROC_PER_NODE": "1", "RDZV_PORT": "29517",
+           "TORCHRUN": f"{sys.executable} -m torch.distributed.run",
+           "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    overrides = TINY + ["iterations=60", "checkpoint_every=20", "eval.at_warmup_end=false"]
+    res = subprocess.run(["sbatch", "--parsable", f"--output={log}", f"--chdir={tmp_path}",
+                          str(MULTINODE), *overrides], env=env, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    job = res.stdout.strip().split(";")[0]
+    try:
+        deadline = time.monotonic() + 180
+        while "held-out (before RL)" not in (log.read_text() if log.exists() else ""):
+            assert time.monotonic() < deadline, log.read_text() if log.exists() else "no log"
+            time.sleep(0.1)
+        subprocess.run(["scancel", "--signal=USR1", "--batch", job], env=env, check=True)
+        while job_field(env, job, "JobState") != "COMPLETED":
+            assert job_field(env, job, "JobState") not in ("FAILED", "CANCELLED", "TIMEOUT"), \
+                log.read_text()
+            assert time.monotonic() < deadline + 180, log.read_text()
+            time.sleep(1)
+    finally:
+        subprocess.run(["scancel", job], env=env, capture_output=True)
+    text = log.read_text()
+    assert job_field(env, job, "Restarts") == "1", text
+    for line in ("forwarding SIGUSR1 to the job step", "stopped on SIGUSR1 after iteration",
+                 "requeueing", f"(restart 1) resumes {run_dir}"):
+        assert line in text, text
+    stopped = int(text.split("stopped on SIGUSR1 after iteration ")[1].split()[0])
+    assert 1 <= stopped < 60
+    assert "User defined signal 1" not in text  # torchrun did not die of the signal
+    assert json.loads((run_dir / "summary.json").read_text())["iterations"] == 60
+
+
+def test_submitit_slurm_sweep(slurm, tmp_path):
+    """`kimi-rl train -m ... hydra/launcher=submitit_slurm`: each job of the sweep is a SLURM
+    job (sbatch through submitit) and completes its run in its own directory."""
+    sweep = tmp_path / "sweep"
+    env = {**slurm, "OMP_NUM_THREADS": "1"}
+    res = subprocess.run(
+        [sys.executable, "-m", "kimi_rl.cli", "train", "-m", *TINY, "iterations=2",
+         "eval.before=false", "eval.at_warmup_end=false", "algo=omd,grpo",
+         f"hydra.sweep.dir={sweep}", "hydra/launcher=submitit_slurm",
+         "hydra.launcher.partition=debug", "hydra.launcher.timeout_min=10",
+         "hydra.launcher.cpus_per_task=1"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
+    for job, algo in ((0, "omd"), (1, "grpo")):
+        d = sweep / str(job)
+        assert json.loads((d / "summary.json").read_text())["iterations"] == 2
+        assert (d / "config.yaml").read_text().count(f"name: {algo}") >= 1
+    assert list((sweep / ".submitit").glob("*/*_submission.sh"))  # went through sbatch
