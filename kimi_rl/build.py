@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import os
 from pathlib import Path
 
 from transformers import PreTrainedTokenizerBase
@@ -16,14 +17,18 @@ from .policy.hf import HFPolicy
 from .policy.model import load_pretrained, tiny_model
 from .rollout.torch_engine import TorchEngine
 
-BACKENDS = ("hf",)
-ENGINES = ("torch",)
+BACKENDS = ("hf", "megatron")
+ENGINES = ("torch", "vllm")
 
 
 def build_policy(cfg: TrainConfig, task: TaskData) -> tuple[HFPolicy, PreTrainedTokenizerBase]:
     if cfg.backend.name not in BACKENDS:
         raise ValueError(
             f"backend.name: unknown backend {cfg.backend.name!r} (choose from {BACKENDS})")
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if cfg.backend.name == "hf" and world > 1:
+        raise ValueError(f"backend.name: hf is single-process, but {world} processes were "
+                         "launched (WORLD_SIZE); use backend=megatron under torchrun")
     if cfg.model.path:
         model, tokenizer = load_pretrained(cfg.model.path, cfg.model.dtype)
     else:
@@ -31,6 +36,10 @@ def build_policy(cfg: TrainConfig, task: TaskData) -> tuple[HFPolicy, PreTrained
             raise ValueError("model.path is required for a problem file (no built-in tokenizer)")
         tokenizer = char_tokenizer(task.vocabulary)
         model = tiny_model(cfg.model, tokenizer, seed=cfg.seed)
+    if cfg.backend.name == "megatron":  # imported only when chosen (megatron-core is optional)
+        from .policy.megatron import MegatronPolicy
+
+        return MegatronPolicy(model, cfg.backend, cfg.algo, seed=cfg.seed), tokenizer
     return HFPolicy(model, cfg.backend, cfg.algo), tokenizer
 
 
@@ -39,6 +48,11 @@ def build_engine(cfg: TrainConfig, policy: HFPolicy, tokenizer: PreTrainedTokeni
     if cfg.rollout.engine not in ENGINES:
         raise ValueError(
             f"rollout.engine: unknown engine {cfg.rollout.engine!r} (choose from {ENGINES})")
+    if cfg.rollout.engine == "vllm":
+        from .rollout.vllm_engine import VllmEngine  # vllm is an optional dependency
+
+        return VllmEngine(policy.model, tokenizer, cfg.rollout.vllm, seed=cfg.seed + 1,
+                          max_batch_size=cfg.rollout.max_batch_size, model_path=cfg.model.path)
     return TorchEngine(copy.deepcopy(policy.model), tokenizer.eos_token_id,
                        tokenizer.pad_token_id, seed=cfg.seed + 1,
                        max_batch_size=cfg.rollout.max_batch_size)

@@ -7,6 +7,7 @@ import functools
 import json
 import os
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 
 import hydra
@@ -17,11 +18,13 @@ from .config import register_configs
 
 register_configs()
 HYDRA = dict(version_base=None, config_path="pkg://kimi_rl.conf", config_name="train")
-USAGE = """usage: kimi-rl {train,sft,eval} [hydra overrides ...]
+USAGE = """usage: kimi-rl {train,sft,eval,difficulty} [hydra overrides ...]
 
   train   RL training (default experiment: the CPU demo); resume=<run dir> continues a run
   sft     supervised cold start only; writes <run dir>/hf_model
   eval    held-out accuracy per level of eval.checkpoint=<run dir> or model.path=<HF dir>
+  difficulty  pass rates, levels and easy-to-hack filter of data.path's problems ->
+              difficulty.output=<file>.jsonl (with a report beside it)
 
 Show the composed config:  kimi-rl train --cfg job
 """
@@ -63,7 +66,8 @@ def train_app(cfg: DictConfig) -> None:
         sys.exit(e.exit_code)
     keys = ("eval_before", "eval_after", "sft_control", "trained_levels",
             "correct_length_at_warmup_end", "correct_length_final", "wall_seconds")
-    print(json.dumps({k: summary[k] for k in keys if k in summary}, default=str))
+    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, once
+        print(json.dumps({k: summary[k] for k in keys if k in summary}, default=str))
 
 
 @hydra.main(**HYDRA)
@@ -89,13 +93,30 @@ def eval_app(cfg: DictConfig) -> None:
     run_evaluation(cfg, _run_dir(cfg))
 
 
+@hydra.main(**HYDRA)
+@_user_errors
+def difficulty_app(cfg: DictConfig) -> None:
+    from .difficulty import run_difficulty
+
+    run_difficulty(cfg)
+
+
+def rank_overrides(env: Mapping[str, str] = os.environ) -> list[str]:
+    """Hydra overrides for a process that is not rank 0 of a torchrun world: it neither
+    writes Hydra's files (.hydra/, the job log) nor logs through Hydra, so every file in the
+    run directory has one writer. Rank 0, and a single process, change nothing."""
+    if int(env.get("RANK", "0")) == 0:
+        return []
+    return ["hydra.output_subdir=null", "hydra/job_logging=none", "hydra/hydra_logging=none"]
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
-    apps = {"train": train_app, "sft": sft_app, "eval": eval_app}
+    apps = {"train": train_app, "sft": sft_app, "eval": eval_app, "difficulty": difficulty_app}
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in apps:
         print(USAGE, file=sys.stderr)
         sys.exit(0 if argv and argv[0] in ("-h", "--help") else 2)
-    sys.argv = [f"kimi-rl {argv[0]}"] + argv[1:]
+    sys.argv = [f"kimi-rl {argv[0]}"] + argv[1:] + rank_overrides()
     apps[argv[0]]()
 
 

@@ -7,8 +7,10 @@ misspelt key fail with an error that names it. YAML files under conf/ only set v
 from __future__ import annotations
 
 import math
+import os
+import time
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional
+from typing import Any, Dict, List, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
@@ -61,7 +63,14 @@ class BackendConfig:
     micro_batch_tokens: int = 8192  # packed tokens per forward/backward
     logits_chunk: int = 2048  # tokens per lm-head chunk (bounds logits memory)
     attn_implementation: str = "sdpa"
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: bool = False  # megatron: full recompute of every layer
+    # megatron backend (kimi_rl/policy/megatron.py), one process per GPU under torchrun:
+    # the world splits into tensor x pipeline x context parallel x data parallel (the rest)
+    tensor_parallel: int = 1  # splits heads, MLP and vocabulary; divides heads and kv heads
+    pipeline_parallel: int = 1  # splits the layers into stages; divides the layer count
+    context_parallel: int = 1  # splits sequences; refused by the packed SDPA attention
+    sequence_parallel: bool = False  # norms/dropout on sequence shards (tensor_parallel > 1)
+    distributed_optimizer: bool = True  # optimizer state sharded over data-parallel ranks
 
 
 @dataclass
@@ -93,6 +102,31 @@ class PartialConfig:
 
 
 @dataclass
+class VllmConfig:
+    """The vLLM rollout engine (rollout.engine=vllm; see README "vLLM rollouts")."""
+
+    dtype: str = "float32"  # engine weights/activations: float32 | bfloat16 | float16 | auto
+    # KV cache size in bytes (null: vLLM sizes it from gpu_memory_utilization); needed on
+    # CPU, where vLLM's default reads a per-node memory figure that does not fit
+    kv_cache_bytes: Optional[int] = 1073741824
+    # CPU: torch.compile adds about a minute of start-up for a few percent; on GPU set
+    # false for CUDA graphs
+    enforce_eager: bool = True
+    gpu_memory_utilization: float = 0.5  # GPU share for the engine (the trainer shares it)
+    tensor_parallel_size: int = 1  # > 1 needs external_launcher (torchrun ranks)
+    # colocated with the trainer under torchrun: each rank runs its engine in process and
+    # the vLLM TP group comes from the world (distributed_executor_backend=external_launcher)
+    external_launcher: bool = False
+    # GPU only: free the engine's GPU memory after each rollout (weights offloaded, KV cache
+    # dropped) and wake it before the next weight sync or rollout
+    sleep_mode: bool = False
+    # weight sync to a GPU engine: tensors are packed and copied in buckets of this size
+    weight_sync_bucket_bytes: int = 536870912
+    max_model_len: Optional[int] = None  # null: the model config's max positions
+    max_num_batched_tokens: Optional[int] = None  # tokens per engine step (null: vLLM's)
+
+
+@dataclass
 class RolloutConfig:
     """Rollout engine and sampling."""
 
@@ -115,6 +149,7 @@ class RolloutConfig:
     repeat_min_repeats: int = 4
     repeat_min_tokens: int = 32
     partial: PartialConfig = field(default_factory=PartialConfig)
+    vllm: VllmConfig = field(default_factory=VllmConfig)  # rollout.engine=vllm only
 
 
 @dataclass
@@ -126,6 +161,16 @@ class RewardConfig:
     repeat_penalty: float = 0.0  # >= 0, subtracted from the reward of a "repeat" response
     truncated_reward: str = "verify"  # verify (as any response) | zero (reward 0, no length
     #                                   reward) for a response cut at max_new_tokens
+    # task "code": programs run in a sandbox (kimi_rl/rewards/sandbox.py), one per test case
+    code_reward: str = "all"  # all (1.0 only if every test passes) | fraction (share passed)
+    verify_workers: Optional[int] = None  # code sandboxes run at once (null: the CPU count)
+    sandbox_time_s: float = 4.0  # wall seconds per test run; CPU limit the same, rounded up
+    sandbox_memory_mb: int = 1024  # address space per process (RLIMIT_AS)
+    sandbox_output_bytes: int = 1048576  # stdout + stderr per run; more kills the run
+    sandbox_processes: int = 16  # processes + threads per run (RLIMIT_NPROC, per sandbox)
+    sandbox_files_mb: int = 64  # size of the writable /tmp (and of /dev/shm) per run
+    sandbox_python: str = "python3"  # interpreter (on /usr/local/bin:/usr/bin:/bin, or a
+    #                                  path); it must be readable by an unprivileged user
 
 
 @dataclass
@@ -168,6 +213,12 @@ class DataConfig:
     check_prob: float = 0.5  # share of demonstrations with an optional checking pass
     # level -> share of flawed demonstrations that stop one step early (an imperfect teacher)
     stop_early: Dict[int, float] = field(default_factory=dict)
+    # reasoning-gym (task reasoning_gym; kimi_rl.data.reasoning_gym): the datasets to use,
+    # and per dataset a table level -> its config overrides at that level (a dataset
+    # without one: level 1, default settings); train_per_level and test_per_level
+    # problems per dataset and level
+    rg_datasets: List[str] = field(default_factory=list)
+    rg_levels: Dict[str, Dict[int, Dict[str, Any]]] = field(default_factory=dict)
     seed: int = 1234
 
 
@@ -212,6 +263,31 @@ class PreemptionConfig:
 
 
 @dataclass
+class DifficultyConfig:
+    """`kimi-rl difficulty` (kimi_rl.difficulty, SPEC.md section 3): each problem's pass
+    rate over `samples` sampled responses, a level from it, and the easy-to-hack filter."""
+
+    output: Optional[str] = None  # the annotated JSONL (required); report: <stem>.report.json
+    samples: int = 10  # responses per problem (report: 10)
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_new_tokens: Optional[int] = None  # null: rollout.max_new_tokens
+    # descending pass-rate cut-offs: pass rate >= thresholds[0] -> level 1, >= thresholds[1]
+    # -> level 2, ..., below the last -> level len(thresholds) + 1 (harder = lower rate)
+    thresholds: List[float] = field(default_factory=lambda: [0.8, 0.6, 0.4, 0.2])
+    # problem forms dropped by their text: multiple_choice, true_false, proof
+    drop_forms: List[str] = field(
+        default_factory=lambda: ["multiple_choice", "true_false", "proof"])
+    # answers sampled without reasoning (the prompt ends with guess_prefix and at most
+    # guess_max_new_tokens follow); one correct guess drops the problem (0: no guessing)
+    guess_tries: int = 8
+    guess_prefix: Optional[str] = None  # null: per task ("answer " for modsum, else a box)
+    guess_max_new_tokens: int = 16
+    problems_per_call: int = 64  # problems per engine call (a step of the progress bar)
+    seed: int = 0
+
+
+@dataclass
 class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     algo: AlgoConfig = field(default_factory=AlgoConfig)
@@ -223,6 +299,7 @@ class TrainConfig:
     sft: SFTConfig = field(default_factory=SFTConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     preemption: PreemptionConfig = field(default_factory=PreemptionConfig)
+    difficulty: DifficultyConfig = field(default_factory=DifficultyConfig)  # kimi-rl difficulty
     iterations: int = 100
     seed: int = 0
     run_dir: Optional[str] = None  # default: Hydra's output directory
@@ -292,8 +369,25 @@ def check_config(cfg: TrainConfig) -> None:
                     f"response that long is regenerated for ever; use drop to cut them)")
 
 
+def new_run_dir(env: Optional[Dict[str, str]] = None) -> str:
+    """The run directory when neither run_dir nor resume is given: runs/<date>/<time> for a
+    single process; under torchrun, one directory for every rank, named after the launch's
+    run id (`--rdzv-id`; a fresh id with --standalone): runs/torchrun-<run id>. Without a run
+    id the ranks could not agree on a time, so run_dir is then required."""
+    env = os.environ if env is None else env
+    if int(env.get("WORLD_SIZE", "1")) <= 1:
+        return time.strftime("runs/%Y-%m-%d/%H-%M-%S")
+    run_id = env.get("TORCHELASTIC_RUN_ID", "none")
+    if run_id in ("", "none"):
+        raise ValueError("run_dir: required when launching several processes without a "
+                         "torchrun run id (--rdzv-id or --standalone): every rank must write "
+                         "to the same directory")
+    return f"runs/torchrun-{run_id}"
+
+
 def register_configs() -> None:
-    if not OmegaConf.has_resolver("first_set"):  # hydra.run.dir: run_dir, resume or new
-        OmegaConf.register_new_resolver("first_set", lambda *xs: next(x for x in xs if x))
+    if not OmegaConf.has_resolver("run_dir_of"):  # hydra.run.dir: run_dir, resume or new
+        OmegaConf.register_new_resolver(
+            "run_dir_of", lambda run_dir, resume: run_dir or resume or new_run_dir())
     cs = ConfigStore.instance()
     cs.store(name="train_schema", node=TrainConfig)

@@ -17,6 +17,7 @@ from .build import build_engine, build_policy
 from .config import TrainConfig
 from .data import load_task, modsum
 from .data.problems import Problem
+from .rewards.code import extract_program
 from .rewards.verify import final_answer, get_verifier, normalise_answer
 from .rollout.engine import RolloutEngine, SamplingParams
 from .rollout.samples import generate_groups
@@ -68,6 +69,8 @@ def majority(answers: Sequence[str | None]) -> str | None:
 ANSWER_EXTRACTORS: dict[str, Callable[[str], str | None]] = {
     "modsum": modsum.extract_answer,  # the final `answer N` line
     "math": lambda r: None if (a := final_answer(r)) is None else normalise_answer(a),
+    "reasoning_gym": lambda r: None if (a := final_answer(r)) is None else normalise_answer(a),
+    "code": extract_program,  # identical programs vote together
 }
 
 

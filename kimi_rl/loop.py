@@ -15,6 +15,9 @@ Choices, and why:
   older iterations can be masked out of the loss by age.
 - Optional SFT cold start on chain-of-thought demonstrations, and an SFT control that
   spends RL's wall time on more supervised training, so the demo shows what RL adds.
+- Under torchrun every rank runs this loop; sampling, rollouts and rewards are the same
+  on every rank (checked each iteration), the policy backend splits the training, and
+  rank 0 alone writes outputs (kimi_rl/distributed.py says why).
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ from omegaconf import OmegaConf
 
 from curriculum.schedules import piecewise
 
-from . import checkpoint
+from . import checkpoint, distributed
 from .algorithms import LossBatch, get_algorithm
 from .build import build_engine, build_policy, build_sampler, save_hf
 from .config import RolloutConfig, TrainConfig, check_config
@@ -89,8 +92,9 @@ def train(cfg: TrainConfig, run_dir: str | Path, preempt: Preemption | None = No
     summary: dict = {"run_dir": str(run_dir), "rl_seconds": 0.0, "wall_seconds": 0.0}
     start = 0
     if cfg.resume:
-        state = checkpoint.load(checkpoint.latest(cfg.resume))
-        policy.load_state_dict(state["policy"])
+        path = checkpoint.latest(cfg.resume)
+        state = checkpoint.load(path)
+        distributed.load_policy(policy, path, state)
         engine.update_weights(policy.export_weights())
         engine.load_state_dict(state["engine"])
         sampler.load_state_dict(state["sampler"])
@@ -98,11 +102,12 @@ def train(cfg: TrainConfig, run_dir: str | Path, preempt: Preemption | None = No
         checkpoint.set_rng_state(state["rng"])
         summary, start = state["summary"], state["iteration"]
     wall0 = summary["wall_seconds"]  # time spent by earlier processes of this run
-    log = RunLogger(run_dir, start, cfg.progress)
+    log = RunLogger(run_dir, start, cfg.progress) if distributed.is_main() \
+        else distributed.NullLogger()  # rank 0 alone writes run outputs
     log.print(f"run directory: {run_dir}")
 
     def stop_if_requested(where: str) -> None:
-        if preempt is None or not preempt.requested:
+        if not distributed.agree_stop(preempt):
             return
         preempt.done()
         log.close()
@@ -112,7 +117,8 @@ def train(cfg: TrainConfig, run_dir: str | Path, preempt: Preemption | None = No
         raise Preempted(f"stopped on {preempt.received} {where}; {resume}", preempt.exit_code)
 
     if not cfg.resume:
-        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
+        if distributed.is_main():
+            (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
         if cfg.sft.enabled:
             bar = log.start_bar("sft", cfg.sft.steps)
 
@@ -127,8 +133,7 @@ def train(cfg: TrainConfig, run_dir: str | Path, preempt: Preemption | None = No
                       f"{stats['seconds']:.1f} s on {len(demos)} demonstrations")
             engine.update_weights(policy.export_weights())
             if cfg.sft.control:
-                checkpoint.save(run_dir, "sft_start", {"policy": policy.state_dict()},
-                                latest=False)
+                distributed.save_checkpoint(run_dir, "sft_start", {}, policy, latest=False)
         if cfg.eval.before:
             run_eval("before RL", "eval_before")
 
@@ -151,26 +156,28 @@ def train(cfg: TrainConfig, run_dir: str | Path, preempt: Preemption | None = No
         log.step({k: metrics[m] for k, m in (("reward", "reward/mean"),
                                              ("acc", "accuracy/train"),
                                              ("len", "response_length/mean")) if m in metrics})
-        stopping = preempt is not None and preempt.requested
+        stopping = distributed.agree_stop(preempt)
         if (it + 1) % cfg.checkpoint_every == 0 or it + 1 == cfg.iterations or stopping:
             summary["wall_seconds"] = wall0 + time.perf_counter() - t_start
-            checkpoint.save(run_dir, f"iter_{it + 1:06d}", {
-                "iteration": it + 1, "policy": policy.state_dict(), "engine": engine.state_dict(),
+            distributed.save_checkpoint(run_dir, f"iter_{it + 1:06d}", {
+                "iteration": it + 1, "engine": engine.state_dict(),
                 "sampler": sampler.state_dict(), "rollouts": rollouts.state_dict(),
                 "rng": checkpoint.rng_state(),
-                "summary": summary, "config": OmegaConf.to_container(cfg)})
+                "summary": summary, "config": OmegaConf.to_container(cfg)}, policy)
         stop_if_requested(f"after iteration {it + 1} (checkpoint iter_{it + 1:06d}.pt)")
 
     stop_if_requested(f"after iteration {cfg.iterations}, before the final evaluation")
     if cfg.eval.after:
         run_eval("after RL", "eval_after")
-    save_hf(policy, tokenizer, run_dir / "hf_model")
+    if distributed.is_main():
+        save_hf(policy, tokenizer, run_dir / "hf_model")
     if cfg.sft.enabled and cfg.sft.control:
         sft_control(cfg, run_dir, policy, engine, demos, summary["rl_seconds"], run_eval, log)
     summary.update(demo_summary(cfg, task, summary, demo_counts))
     summary["iterations"] = cfg.iterations
     summary["wall_seconds"] = wall0 + time.perf_counter() - t_start
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    if distributed.is_main():
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
     log.close()
     return summary
 
@@ -189,8 +196,9 @@ def rl_iteration(it, cfg, policy, engine, sampler, algo, tokenizer, by_id, param
     t1 = time.perf_counter()
     weight = length_penalty_weight(it, cfg.reward.length_penalty_weight,
                                    cfg.reward.length_penalty_warmup)
-    for task in {s.problem.task for s in samples}:
-        score_groups([s for s in samples if s.problem.task == task], get_verifier(task), weight,
+    for task in {s.problem.task for s in samples}:  # code: in parallel sandboxes
+        score_groups([s for s in samples if s.problem.task == task],
+                     get_verifier(task, cfg.reward), weight,
                      cfg.reward.repeat_penalty, cfg.reward.truncated_reward)
     sampler.update((s.problem.id, s.correct) for s in samples)
     t2 = time.perf_counter()
@@ -206,6 +214,8 @@ def rl_iteration(it, cfg, policy, engine, sampler, algo, tokenizer, by_id, param
     m["rollout/max_new_tokens"] = cap
     m.update(partial_metrics(step, samples, masks, ages))
     m.update(train_metrics)
+    if hasattr(engine, "metrics"):  # engine-side rollout figures (vLLM: tokens/s, sync)
+        m.update(engine.metrics())
     m.update({
         "time/rollout": t1 - t0, "time/reward": t2 - t1, "time/train": t3 - t2,
         "time/sync": t4 - t3, "time/iteration": t4 - t0,
@@ -300,6 +310,7 @@ def optimize(cfg: TrainConfig, policy, algo, samples: list[Sample], masks: list[
     sample still counts in its group's baseline and in the per-sequence normalisation.
     """
     metrics: dict[str, float] = {}
+    distributed.check_same("rollouts", [(s.prompt_ids, s.tokens, s.reward) for s in samples])
     counted = [i for i, m in enumerate(masks) if any(m)]
     if not counted:
         return metrics
@@ -316,32 +327,29 @@ def optimize(cfg: TrainConfig, policy, algo, samples: list[Sample], masks: list[
         return pack([prompts[i] for i in idx], [responses[i] for i in idx], mb_tokens,
                     loss_masks=[masks[i] for i in idx], versions=[versions[i] for i in idx])
 
-    if cfg.algo.ref_logprobs == "trainer":
-        ref = list(rollout_lp)
-        fresh, older = [], []
-        for pb in packed(counted):
-            lp, _ = policy.logprobs(pb, temperature)
-            counts = torch.bincount(pb.seq_index, minlength=len(pb.seq_ids)).tolist()
-            parts = zip(pb.seq_ids, lp.split(counts), pb.target_versions.split(counts),
-                        strict=True)
-            for j, part, vers in parts:  # targets in order
-                i = counted[j]
-                ref[i] = part
-                diff = (part - rollout_lp[i]).abs()
-                fresh.append(diff[vers == it])  # sampled by pi_theta_i itself
-                older.append(diff[vers != it])  # sampled by earlier policies
-        fresh_t, older_t = torch.cat(fresh), torch.cat(older)
-        if fresh_t.numel():
-            metrics["logprob/train_infer_abs_mean"] = float(fresh_t.mean())
-            metrics["logprob/train_infer_abs_max"] = float(fresh_t.max())
-        if older_t.numel():  # policy drift since those tokens were sampled
-            metrics["logprob/stale_abs_mean"] = float(older_t.mean())
-    else:  # "rollout" (check_config allows no other value): what sampled each token
-        ref = rollout_lp
-    if cfg.algo.reset_optimizer:
-        policy.reset_optimizer()
     groups = sorted({s.group for s in samples})
     chunks = np.array_split(np.array(groups), max(1, min(cfg.algo.minibatches, len(groups))))
+    # one optimizer step: its forward passes run at theta_i, so (without dropout) their
+    # detached logprobs are pi_theta_i's and a separate reference pass would repeat them
+    ref_in_step = (cfg.algo.ref_logprobs == "trainer" and cfg.algo.epochs * len(chunks) == 1
+                   and getattr(policy, "no_dropout", False))
+    ref = list(rollout_lp)  # "rollout" (check_config allows no other value): what sampled
+    fresh, older = [], []  # |logp_ref - sampling logp| per token, by who sampled it
+
+    def set_ref(lp: torch.Tensor, pb, idx: list[int]) -> None:
+        counts = torch.bincount(pb.seq_index, minlength=len(idx)).tolist()
+        for i, part, vers in zip(idx, lp.split(counts), pb.target_versions.split(counts),
+                                 strict=True):  # targets in order
+            ref[i] = part
+            diff = (part - rollout_lp[i]).abs()
+            fresh.append(diff[vers == it])  # sampled by pi_theta_i itself
+            older.append(diff[vers != it])  # sampled by earlier policies
+
+    if cfg.algo.ref_logprobs == "trainer" and not ref_in_step:
+        for pb in packed(counted):
+            set_ref(policy.logprobs(pb, temperature)[0], pb, [counted[j] for j in pb.seq_ids])
+    if cfg.algo.reset_optimizer:
+        policy.reset_optimizer()
     steps = []
     for _ in range(cfg.algo.epochs):
         for chunk in chunks:
@@ -354,11 +362,19 @@ def optimize(cfg: TrainConfig, policy, algo, samples: list[Sample], masks: list[
 
             def loss_fn(lp, pb, trained=trained, n_seqs=n_seqs, n_tokens=n_tokens):
                 idx = [trained[j] for j in pb.seq_ids]
+                if ref_in_step:
+                    set_ref(lp.detach(), pb, idx)
                 batch = LossBatch(lp, torch.cat([ref[i] for i in idx]), pb.seq_index, adv[idx],
                                   n_seqs, n_tokens)
                 return algo.loss(batch, cfg.algo)
 
             steps.append(policy.train_step(packed(trained), loss_fn, temperature))
+    fresh_t, older_t = torch.cat(fresh or [torch.zeros(0)]), torch.cat(older or [torch.zeros(0)])
+    if fresh_t.numel():
+        metrics["logprob/train_infer_abs_mean"] = float(fresh_t.mean())
+        metrics["logprob/train_infer_abs_max"] = float(fresh_t.max())
+    if older_t.numel():  # policy drift since those tokens were sampled
+        metrics["logprob/stale_abs_mean"] = float(older_t.mean())
     for k in steps[0] if steps else ():
         metrics[f"train/{k}" if not k.startswith("loss/") else k] = float(
             np.mean([s[k] for s in steps]))
@@ -394,9 +410,13 @@ def rollout_metrics(samples: list[Sample], weight: float) -> dict[str, float]:
 
 def sft_control(cfg, run_dir, policy, engine, demos, seconds, run_eval, log) -> None:
     """The SFT start trained further on all demonstrations for RL's wall time, evaluated."""
-    start = checkpoint.load(Path(run_dir) / "checkpoints" / "sft_start.pt")
-    policy.load_state_dict(start["policy"])
-    stats = run_sft(policy, demos, cfg.sft, cfg.seed + 7, seconds=seconds, warmup=False)
+    path = Path(run_dir) / "checkpoints" / "sft_start.pt"
+    distributed.load_policy(policy, path, checkpoint.load(path))
+    if distributed.world_size() == 1:
+        stats = run_sft(policy, demos, cfg.sft, cfg.seed + 7, seconds=seconds, warmup=False)
+    else:  # one clock (rank 0's) for every rank, or they would take different step counts
+        stats = distributed.run_for(seconds, lambda on_step: run_sft(
+            policy, demos, cfg.sft, cfg.seed + 7, warmup=False, on_step=on_step))
     log.print(f"sft control: {stats['steps']} more SFT steps in {stats['seconds']:.1f} s")
     engine.update_weights(policy.export_weights())
     run_eval("SFT control", "sft_control")

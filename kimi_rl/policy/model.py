@@ -112,6 +112,9 @@ def smollm2_dir(cache_dir: str | Path | None = None) -> Path:
     # save_pretrained refuses a GGUF-loaded model: copy the weights into a fresh one
     config = src.config
     config.dtype = torch.float32
+    # the weights are dequantised: without this, transformers' Trainer and others take the
+    # directory for a quantized model
+    config.__dict__.pop("quantization_config", None)
     model = LlamaForCausalLM(config)
     model.load_state_dict(src.state_dict())
     model.generation_config = src.generation_config

@@ -61,8 +61,9 @@ from collections.abc import Callable
 from functools import cache, lru_cache
 from typing import Any
 
-from ..data import modsum
+from ..data import modsum, reasoning_gym
 from ..data.problems import Problem
+from .code import CodeVerifier
 
 Verifier = Callable[[Problem, str], float]
 
@@ -310,10 +311,25 @@ def verify_math(problem: Problem, response: str) -> float:
     return float(_mv()[0].verify(gold, pred, timeout_seconds=_timeouts()[1]))
 
 
-VERIFIERS: dict[str, Verifier] = {"modsum": modsum.verify, "math": verify_math}
+def verify_reasoning_gym(problem: Problem, response: str) -> float:
+    """reasoning-gym's own scorer (kimi_rl.data.reasoning_gym) on the final answer, taken
+    as by rules 1-3 (last box or answer line, no hedging, size); full credit scores 1.0."""
+    ans, hedged = _final(response)
+    if hedged or (ans is not None and len(ans) > MAX_ANSWER_CHARS):
+        ans = None
+    return reasoning_gym.score(problem, ans)
 
 
-def get_verifier(task: str) -> Verifier:
+VERIFIERS: dict[str, Verifier] = {"modsum": modsum.verify, "math": verify_math,
+                                  "reasoning_gym": verify_reasoning_gym,
+                                  "code": CodeVerifier()}  # default sandbox limits
+
+
+def get_verifier(task: str, reward: Any = None) -> Verifier:
+    """The verifier of `task`; with `reward` (a RewardConfig) the code verifier uses its
+    sandbox limits and workers (it has a `batch` method: parallel sandboxes)."""
     if task not in VERIFIERS:
         raise ValueError(f"no verifier for task {task!r} (choose from {sorted(VERIFIERS)})")
+    if task == "code" and reward is not None:
+        return CodeVerifier.from_config(reward)
     return VERIFIERS[task]
