@@ -141,6 +141,21 @@ def write_model_dir(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
     return out
 
 
+def check_head_dim(config) -> None:
+    """Fail before vLLM starts if vLLM's CPU attention has no kernel for the model's head
+    size (hidden_size / num_attention_heads, or the config's head_dim)."""
+    from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
+
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    supported = CPUAttentionBackend.get_supported_head_sizes()
+    if head_dim not in supported:
+        raise ValueError(
+            f"vLLM on CPU cannot run head_dim {head_dim} (model.hidden_size "
+            f"{config.hidden_size} / model.num_heads {heads}); its CPU attention supports "
+            f"head_dim in {supported}, e.g. model.hidden_size=32 model.num_heads=1")
+
+
 def check_model_dir(path: Path, tokenizer: PreTrainedTokenizerBase, vocab_size: int) -> None:
     """Fail before vLLM starts if `path` is not a model directory, or if its tokenizer or
     vocabulary differs from the trainer's (vocab size, EOS/pad ids, probe encodings)."""
@@ -180,6 +195,8 @@ class VllmEngine:
         self.tied = bool(getattr(model.config, "tie_word_embeddings", False))
         self.shapes = {n: tuple(t.shape) for n, t in model.state_dict().items()}
         self._tmp: str | None = None
+        if not torch.cuda.is_available():
+            check_head_dim(model.config)
         if model_path:
             path = Path(model_path)
         else:
