@@ -54,6 +54,7 @@ def _user_errors(fn):
 @hydra.main(**HYDRA)
 @_user_errors
 def train_app(cfg: DictConfig) -> None:
+    from .distributed import is_main
     from .loop import train
     from .preemption import Preempted, Preemption
 
@@ -66,7 +67,7 @@ def train_app(cfg: DictConfig) -> None:
         sys.exit(e.exit_code)
     keys = ("eval_before", "eval_after", "sft_control", "trained_levels",
             "correct_length_at_warmup_end", "correct_length_final", "wall_seconds")
-    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, once
+    if is_main():  # under torchrun, once
         print(json.dumps({k: summary[k] for k in keys if k in summary}, default=str))
 
 

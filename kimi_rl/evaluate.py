@@ -65,11 +65,17 @@ def majority(answers: Sequence[str | None]) -> str | None:
     return max(counts, key=counts.__getitem__) if counts else None  # max keeps the first
 
 
+def math_answer(response: str) -> str | None:
+    """The final answer (last box or answer line), normalised."""
+    answer = final_answer(response)
+    return None if answer is None else normalise_answer(answer)
+
+
 # task -> the final answer of a response, as votes compare it (the verifier's view of it)
 ANSWER_EXTRACTORS: dict[str, Callable[[str], str | None]] = {
     "modsum": modsum.extract_answer,  # the final `answer N` line
-    "math": lambda r: None if (a := final_answer(r)) is None else normalise_answer(a),
-    "reasoning_gym": lambda r: None if (a := final_answer(r)) is None else normalise_answer(a),
+    "math": math_answer,
+    "reasoning_gym": math_answer,  # scored on the same extraction as math
     "code": extract_program,  # identical programs vote together
 }
 

@@ -101,13 +101,15 @@ def job_field(env: dict, job: str, name: str) -> str:
     return fields.get(name, "")
 
 
-def test_preempted_job_is_requeued_and_resumes(slurm, tmp_path):
-    run_dir, log = tmp_path / "run", tmp_path / "job.out"
-    env = {**slurm, "RUN_DIR": str(run_dir), "KIMI_RL": f"{sys.executable} -m kimi_rl.cli",
-           "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+def preempt_and_wait(env: dict, script: Path, run_dir: Path, log: Path, cwd: Path,
+                     wait_after: float) -> tuple[str, str]:
+    """Submit `script` with a 60-iteration tiny run, send SIGUSR1 to its batch shell (what
+    --signal=B:USR1@N sends before the time limit) once RL has started, and wait until the
+    job completes; returns (job id, its output)."""
+    env = {**env, "RUN_DIR": str(run_dir), "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     overrides = TINY + ["iterations=60", "checkpoint_every=20", "eval.at_warmup_end=false"]
-    res = subprocess.run(["sbatch", "--parsable", f"--output={log}", f"--chdir={tmp_path}",
-                          str(SBATCH), *overrides], env=env, capture_output=True, text=True)
+    res = subprocess.run(["sbatch", "--parsable", f"--output={log}", f"--chdir={cwd}",
+                          str(script), *overrides], env=env, capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
     job = res.stdout.strip().split(";")[0]
     try:
@@ -115,16 +117,21 @@ def test_preempted_job_is_requeued_and_resumes(slurm, tmp_path):
         while "held-out (before RL)" not in (log.read_text() if log.exists() else ""):
             assert time.monotonic() < deadline, log.read_text() if log.exists() else "no log"
             time.sleep(0.1)
-        # what --signal=B:USR1@N sends before the time limit: to the batch shell only
         subprocess.run(["scancel", "--signal=USR1", "--batch", job], env=env, check=True)
         while job_field(env, job, "JobState") != "COMPLETED":
             assert job_field(env, job, "JobState") not in ("FAILED", "CANCELLED", "TIMEOUT"), \
                 log.read_text()
-            assert time.monotonic() < deadline + 120, log.read_text()
+            assert time.monotonic() < deadline + wait_after, log.read_text()
             time.sleep(1)
     finally:
         subprocess.run(["scancel", job], env=env, capture_output=True)
-    text = log.read_text()
+    return job, log.read_text()
+
+
+def test_preempted_job_is_requeued_and_resumes(slurm, tmp_path):
+    run_dir, log = tmp_path / "run", tmp_path / "job.out"
+    env = {**slurm, "KIMI_RL": f"{sys.executable} -m kimi_rl.cli"}
+    job, text = preempt_and_wait(env, SBATCH, run_dir, log, tmp_path, wait_after=120)
     assert job_field(env, job, "Restarts") == "1", text
     for line in ("kimi-rl.sbatch: forwarding SIGUSR1", "stopped on SIGUSR1 after iteration",
                  "requeueing", f"(restart 1) resumes {run_dir}"):
@@ -144,28 +151,9 @@ def test_multinode_script_requeues_and_resumes(slurm, tmp_path):
     torchrun ignores it and the trainer stops with a checkpoint; the script requeues the
     job, which resumes through torchrun and completes the run."""
     run_dir, log = tmp_path / "run", tmp_path / "job.out"
-    env = {**slurm, "RUN_DIR": str(run_dir), "NPROC_PER_NODE": "1", "RDZV_PORT": "29517",
-           "TORCHRUN": f"{sys.executable} -m torch.distributed.run",
-           "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    overrides = TINY + ["iterations=60", "checkpoint_every=20", "eval.at_warmup_end=false"]
-    res = subprocess.run(["sbatch", "--parsable", f"--output={log}", f"--chdir={tmp_path}",
-                          str(MULTINODE), *overrides], env=env, capture_output=True, text=True)
-    assert res.returncode == 0, res.stderr
-    job = res.stdout.strip().split(";")[0]
-    try:
-        deadline = time.monotonic() + 180
-        while "held-out (before RL)" not in (log.read_text() if log.exists() else ""):
-            assert time.monotonic() < deadline, log.read_text() if log.exists() else "no log"
-            time.sleep(0.1)
-        subprocess.run(["scancel", "--signal=USR1", "--batch", job], env=env, check=True)
-        while job_field(env, job, "JobState") != "COMPLETED":
-            assert job_field(env, job, "JobState") not in ("FAILED", "CANCELLED", "TIMEOUT"), \
-                log.read_text()
-            assert time.monotonic() < deadline + 180, log.read_text()
-            time.sleep(1)
-    finally:
-        subprocess.run(["scancel", job], env=env, capture_output=True)
-    text = log.read_text()
+    env = {**slurm, "NPROC_PER_NODE": "1", "RDZV_PORT": "29517",
+           "TORCHRUN": f"{sys.executable} -m torch.distributed.run"}
+    job, text = preempt_and_wait(env, MULTINODE, run_dir, log, tmp_path, wait_after=180)
     assert job_field(env, job, "Restarts") == "1", text
     for line in ("forwarding SIGUSR1 to the job step", "stopped on SIGUSR1 after iteration",
                  "requeueing", f"(restart 1) resumes {run_dir}"):
