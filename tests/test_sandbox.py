@@ -155,7 +155,7 @@ def test_limits_are_in_place_inside():
     """), limits=FAST)
     assert run.status == "ok", run.stderr
     lines = run.stdout.decode().splitlines()
-    assert lines[0] == str([(1, 2), (256 << 20,) * 2, (8, 8), (8 << 20,) * 2])
+    assert lines[0] == str([(2, 3), (256 << 20,) * 2, (8, 8), (8 << 20,) * 2])
     assert lines[1] == "1000 /tmp/work /tmp/work /tmp/work"
     assert lines[2] == "['1', '2']"  # its own pid namespace: the supervisor and itself
 
@@ -169,6 +169,19 @@ def test_infinite_loops_time_out():
     run = run_python("while True:\n    pass", limits=FAST)
     assert run.status == "timeout" and run.seconds >= FAST.time_s
     assert time.monotonic() - t0 < 30  # each one stopped near its 1 s limit
+
+
+def test_the_cpu_limit_ends_a_run_as_a_timeout():
+    # The wall clock normally ends a busy loop; a program stopped by its CPU limit (here it
+    # lowers its own) is a timeout as well, not an error.
+    run = run_python(textwrap.dedent("""
+        import resource
+        resource.setrlimit(resource.RLIMIT_CPU, (1, 2))
+        while True:
+            pass
+    """), limits=Limits(time_s=20.0, memory_mb=256, output_bytes=1024, processes=4,
+                          files_mb=1))
+    assert run.status == "timeout" and run.seconds < 20.0, run
 
 
 def test_fork_bomb_is_contained():

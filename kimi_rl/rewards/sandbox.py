@@ -30,8 +30,10 @@ What is guaranteed (tests/test_sandbox.py tries each point with a hostile progra
   left in the namespace, daemons and setsid() escapees included. No fork can outlive the
   run. RLIMIT_NPROC (`processes`, threads included) is counted per run: the kernel counts
   it per user namespace (Linux 5.14+), and each run has its own.
-- Time: wall clock (`time_s`, from the program's start; killed after it) and CPU time
-  (RLIMIT_CPU, the same number of seconds rounded up, per process).
+- Time: wall clock (`time_s`, from the program's start; killed after it), and as a backstop
+  CPU time per process (RLIMIT_CPU: `time_s` rounded up, plus one second, so that the wall
+  clock, which starts a little after the program, ends a busy loop first). A program the
+  CPU limit stops (SIGXCPU) ends as "timeout" too.
 - Memory: RLIMIT_AS (`memory_mb`) per process, and the tmpfs sizes. A run of several
   processes can use up to processes x memory_mb; its processes are the kernel's first
   choice when memory runs out (oom_score_adj 1000).
@@ -100,7 +102,7 @@ class Limits:
 class RunResult:
     """How a run ended. status: "ok" (exit code 0 and no process left running), "error"
     (another exit code, killed by a signal: returncode 128 + signal, or processes left
-    running), "timeout" (wall clock) or "output_limit"."""
+    running), "timeout" (wall clock, or the CPU limit's SIGXCPU) or "output_limit"."""
 
     status: str
     returncode: int | None
@@ -167,6 +169,8 @@ def run_python(source: str, stdin: bytes = b"", limits: Limits | None = None,
         if exit_line is None:
             run.fail("the supervisor ended without the program's exit status")
         code, left = (int(x) for x in exit_line.split()[1:3])
+        if code == 128 + signal.SIGXCPU:
+            return RunResult("timeout", code, stdout, stderr, seconds, left)
         return RunResult("ok" if code == 0 and not left else "error", code, stdout, stderr,
                          seconds, left)
 
@@ -347,7 +351,7 @@ def _exec_program(libc, job: dict, err_w: int) -> None:
             f.write("1000")
         _become_program_user(libc)
         _check(libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "no_new_privs")
-        cpu = math.ceil(lim["time_s"])
+        cpu = math.ceil(lim["time_s"]) + 1  # a backstop: the wall clock comes first
         mem = int(lim["memory_mb"]) << 20
         for rlim, value in ((resource.RLIMIT_CPU, (cpu, cpu + 1)),
                             (resource.RLIMIT_AS, (mem, mem)),
