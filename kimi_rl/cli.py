@@ -14,6 +14,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
+from . import host
 from .config import register_configs
 
 register_configs()
@@ -78,6 +79,7 @@ def sft_app(cfg: DictConfig) -> None:
     from .data import load_task
     from .sft import encode_demos, run_sft
 
+    host.setup(cfg.num_threads)
     task = load_task(cfg.data)
     policy, tokenizer = build_policy(cfg, task)
     demos = encode_demos(tokenizer, task.demonstrations(cfg.data.check_prob, cfg.seed))
@@ -91,6 +93,7 @@ def sft_app(cfg: DictConfig) -> None:
 def eval_app(cfg: DictConfig) -> None:
     from .evaluate import run_evaluation
 
+    host.setup(cfg.num_threads)
     run_evaluation(cfg, _run_dir(cfg))
 
 

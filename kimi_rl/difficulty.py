@@ -278,16 +278,15 @@ def check_problems(problems: Sequence[Problem], source: str) -> None:
 def run_difficulty(cfg) -> dict:
     """`kimi-rl difficulty`: annotate, write the output JSONL and its report, return the
     report."""
-    import torch
     from omegaconf import OmegaConf
 
+    from . import host
     from .build import build_engine, build_policy
     from .loop import repeat_detection
 
     d = cfg.difficulty
     thresholds = check_settings(d)
-    if cfg.num_threads:
-        torch.set_num_threads(cfg.num_threads)
+    host.setup(cfg.num_threads)
     problems, task = load_input(cfg)
     check_problems(problems, cfg.data.path or f"data.task={cfg.data.task}")
     policy, tokenizer = build_policy(cfg, task)

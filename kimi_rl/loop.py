@@ -33,7 +33,7 @@ from omegaconf import OmegaConf
 
 from curriculum.schedules import piecewise
 
-from . import checkpoint, distributed
+from . import checkpoint, distributed, host
 from .algorithms import LossBatch, get_algorithm
 from .build import build_engine, build_policy, build_sampler, save_hf
 from .config import RolloutConfig, TrainConfig, check_config
@@ -60,8 +60,7 @@ def train(cfg: TrainConfig, run_dir: str | Path, preempt: Preemption | None = No
     check_config(cfg)
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    if cfg.num_threads:
-        torch.set_num_threads(cfg.num_threads)
+    host.setup(cfg.num_threads)
     torch.manual_seed(cfg.seed)
 
     task = load_task(cfg.data)

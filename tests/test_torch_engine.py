@@ -163,7 +163,7 @@ def test_seeded_reproducibility(model, tokenizer):
 def test_stop_and_length_with_per_request_limits(make_model, tokenizer):
     model = make_model(seed=1)
     eos = tokenizer.eos_token_id
-    ps = prompts(len(tokenizer), lengths=(3, 7, 1, 5, 9, 2, 6, 4) * 3, seed=4)
+    ps = prompts(len(tokenizer), lengths=(3, 7, 1, 5, 9, 2, 6, 4) * 8, seed=4)
     limits = [1 + (i * 7) % 13 for i in range(len(ps))]
     engine = engine_for(model, tokenizer, seed=1)
     segs = engine.generate([Request(p) for p in ps], limits, SamplingParams(temperature=1.5))
@@ -383,3 +383,31 @@ def test_max_steps_ends_the_call(make_model, tokenizer):
     alone = engine.generate([Request(p) for p in ps], 10, SamplingParams(greedy=True))
     for s, a in zip(segs, alone, strict=True):
         assert s.tokens == a.tokens[:len(s.tokens)]
+
+
+def test_buffered_cache_layer_matches_transformers_dynamic_layer():
+    """The engine's in-place KV layer reads like transformers' DynamicLayer through
+    appends past its headroom, row selection and reassignment."""
+    from transformers.cache_utils import DynamicLayer
+
+    from kimi_rl.rollout.torch_engine import _BufferedLayer
+
+    gen = torch.Generator().manual_seed(0)
+
+    def kv(b, n):
+        return (torch.randn(b, 2, n, 4, generator=gen), torch.randn(b, 2, n, 4, generator=gen))
+
+    ours, ref = _BufferedLayer(reserve=3), DynamicLayer()
+    steps = [kv(5, 6)] + [kv(5, 1) for _ in range(4)] + [kv(5, 7)]  # 4 + 7 > reserve
+    for k, v in steps:
+        got, want = ours.update(k, v), ref.update(k, v)
+        assert all(torch.equal(g, w) for g, w in zip(got, want, strict=True))
+    keep = torch.tensor([4, 0, 2])
+    ours.batch_select_indices(keep)
+    ref.batch_select_indices(keep)
+    ours.keys, ref.keys = (torch.cat([x.keys, x.keys[:1]]) for x in (ours, ref))
+    ours.values, ref.values = (torch.cat([x.values, x.values[:1]]) for x in (ours, ref))
+    k, v = kv(4, 2)
+    got, want = ours.update(k, v), ref.update(k, v)
+    assert all(torch.equal(g, w) for g, w in zip(got, want, strict=True))
+    assert ours.get_seq_length() == ref.get_seq_length() == 6 + 4 + 7 + 2

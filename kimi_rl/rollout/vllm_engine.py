@@ -187,9 +187,11 @@ class VllmEngine:
 
     def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
                  cfg: VllmConfig, seed: int = 0, max_batch_size: int = 512,
-                 model_path: str | None = None):
+                 model_path: str | None = None, eos_token_id: int | None = None):
         self.cfg = cfg
-        self.eos = tokenizer.eos_token_id
+        # the stop token: the tokenizer's EOS, or `eos_token_id` (-1: none, every response
+        # runs to its token limit)
+        self.eos = tokenizer.eos_token_id if eos_token_id is None else eos_token_id
         self.max_batch_size = max_batch_size
         self.generator = torch.Generator().manual_seed(seed)
         self.tied = bool(getattr(model.config, "tie_word_embeddings", False))
@@ -292,7 +294,8 @@ class VllmEngine:
         else:
             sampling = dict(temperature=params.temperature, top_p=params.top_p)
         return VllmSampling(**sampling, max_tokens=limit, seed=seed, logprobs=0,
-                            ignore_eos=True, stop_token_ids=[self.eos], detokenize=False,
+                            ignore_eos=True, stop_token_ids=[self.eos] if self.eos >= 0 else [],
+                            detokenize=False,
                             output_kind=RequestOutputKind.DELTA)
 
     def _run(self, requests: Sequence[Request], limits: list[int], params: SamplingParams,
