@@ -37,6 +37,9 @@ def build_policy(cfg: TrainConfig, task: TaskData) -> tuple[HFPolicy, PreTrained
         tokenizer = char_tokenizer(task.vocabulary)
         model = tiny_model(cfg.model, tokenizer, seed=cfg.seed)
     if cfg.backend.name == "megatron":  # imported only when chosen (megatron-core is optional)
+        if cfg.backend.share_prompts:
+            raise ValueError("backend.share_prompts: the megatron backend packs every "
+                             "sequence whole; set backend.share_prompts=false")
         from .policy.megatron import MegatronPolicy
 
         return MegatronPolicy(model, cfg.backend, cfg.algo, seed=cfg.seed), tokenizer

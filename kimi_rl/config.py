@@ -64,6 +64,10 @@ class BackendConfig:
     logits_chunk: int = 2048  # tokens per lm-head chunk (bounds logits memory)
     attn_implementation: str = "sdpa"
     gradient_checkpointing: bool = False  # megatron: full recompute of every layer
+    # hf: a group's prompt is computed once for its responses in a packed unit (exact; used
+    # when the prompt is at least as long as the responses: kimi_rl/policy/packing.py).
+    # The megatron backend packs every sequence whole (false in backend/megatron.yaml).
+    share_prompts: bool = True
     # megatron backend (kimi_rl/policy/megatron.py), one process per GPU under torchrun:
     # the world splits into tensor x pipeline x context parallel x data parallel (the rest)
     tensor_parallel: int = 1  # splits heads, MLP and vocabulary; divides heads and kv heads

@@ -324,7 +324,8 @@ def optimize(cfg: TrainConfig, policy, algo, samples: list[Sample], masks: list[
 
     def packed(idx: list[int]):
         return pack([prompts[i] for i in idx], [responses[i] for i in idx], mb_tokens,
-                    loss_masks=[masks[i] for i in idx], versions=[versions[i] for i in idx])
+                    loss_masks=[masks[i] for i in idx], versions=[versions[i] for i in idx],
+                    share_prompts=cfg.backend.share_prompts)
 
     groups = sorted({s.group for s in samples})
     chunks = np.array_split(np.array(groups), max(1, min(cfg.algo.minibatches, len(groups))))

@@ -351,3 +351,63 @@ def test_train_step_entropy_is_the_mean_over_target_tokens(model, tokenizer):
     expected = torch.cat([policy.logprobs(b)[1] for b in batches]).mean()
     metrics = policy.train_step([*batches, empty], lambda lp, mb: (-lp.sum(), {}))
     assert metrics["entropy"] == pytest.approx(float(expected), abs=1e-5)
+
+
+def grouped_sequences(vocab: int, seed: int = 5):
+    """Groups of samples with one prompt each: long prompts (shared), one group whose
+    responses are longer than its prompt (not shared), a group of one, masks with holes."""
+    rng = random.Random(seed)
+
+    def toks(n):
+        return [rng.randrange(FIRST_REAL, vocab) for _ in range(n)]
+
+    prompts, responses = [], []
+    for prompt_len, n, resp_lens in ((9, 4, (1, 6)), (12, 3, (0, 5)), (3, 3, (6, 9)),
+                                     (7, 1, (2, 4)), (5, 14, (5, 5))):
+        p = toks(prompt_len)
+        for _ in range(n):
+            prompts.append(p)
+            responses.append(toks(rng.randint(*resp_lens)))
+    masks = [[rng.random() < 0.8 for _ in r] for r in responses]
+    return prompts, responses, masks
+
+
+def test_shared_prompts_layout_and_logprobs(model, tokenizer):
+    prompts, responses, masks = grouped_sequences(len(tokenizer))
+    plain = pack(prompts, responses, max_tokens=10**6, loss_masks=masks)
+    shared = pack(prompts, responses, max_tokens=10**6, loss_masks=masks, share_prompts=True)
+    assert shared[0].attention_mask is not None and plain[0].attention_mask is None
+    assert shared[0].num_tokens < plain[0].num_tokens  # the prompts counted once per unit
+    # the 14-sample group needs two units (at most 4 x the longest sequence, 17 tokens,
+    # each); the group with longer responses than its prompt and the single sample are
+    # not shared: 1 + 1 + 3 + 1 + 2 units, each starting at position 0
+    longest = max(len(p) + len(r) for p, r in zip(prompts, responses, strict=True))
+    b = shared[0]
+    assert longest == 17 and b.input_ids.shape[1] <= 4 * longest
+    assert int(((b.position_ids == 0) & (b.input_ids != PAD)).sum()) == 8
+    policy = HFPolicy(model, BackendConfig(logits_chunk=7), AlgoConfig())
+    for batches in (shared, pack(prompts, responses, max_tokens=60, loss_masks=masks,
+                                 share_prompts=True)):
+        outputs = [policy.logprobs(b, temperature=0.8) for b in batches]
+        got = per_sequence(batches, outputs, len(prompts))
+        for i, (p, r) in enumerate(zip(prompts, responses, strict=True)):
+            lp, ent = reference(model, p, r, 0.8)
+            keep = torch.tensor(masks[i], dtype=torch.bool)
+            torch.testing.assert_close(got[i][0], lp[keep], atol=1e-5, rtol=0)
+            torch.testing.assert_close(got[i][1], ent[keep], atol=1e-5, rtol=0)
+
+
+def test_shared_prompts_gradients_equal_per_sequence(model, tokenizer):
+    prompts, responses, masks = grouped_sequences(len(tokenizer), seed=6)
+    rng = random.Random(7)
+    coefs = [rng.uniform(-1, 1) for _ in prompts]
+    n_tokens = sum(map(sum, masks))
+    policy = HFPolicy(model, BackendConfig(logits_chunk=6),
+                      AlgoConfig(lr=0.0, grad_clip=1e9, weight_decay=0.0))
+    batches = pack(prompts, responses, max_tokens=80, loss_masks=masks, share_prompts=True)
+    assert len(batches) >= 2 and all(b.attention_mask is not None for b in batches)
+    policy.train_step(batches, _loss_fn(coefs, n_tokens))
+    got = {k: p.grad.clone() for k, p in model.named_parameters()}
+    _, ref = _reference_grads(model, prompts, responses, masks, coefs, n_tokens, 1.0)
+    for k in ref:
+        torch.testing.assert_close(got[k], ref[k], atol=1e-6, rtol=1e-4)

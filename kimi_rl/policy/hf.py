@@ -17,12 +17,15 @@ LossFn = Callable[[Tensor, PackedBatch], tuple[Tensor, dict[str, float]]]
 
 def _chunk_logprobs(hidden: Tensor, weight: Tensor, targets: Tensor, temperature: float
                     ) -> tuple[Tensor, Tensor]:
-    logits = (hidden @ weight.T).float() / temperature
-    logz = torch.logsumexp(logits, dim=-1)
-    lp = logits.gather(-1, targets[:, None])[:, 0] - logz
-    probs = torch.softmax(logits.detach(), dim=-1)
-    entropy = logz.detach() - (probs * logits.detach()).sum(-1)
-    return lp, entropy
+    logits = (hidden @ weight.T).float()
+    if temperature != 1.0:
+        logits = logits / temperature
+    # one fused pass forward and one backward over [rows x vocab] (logsumexp, the gather's
+    # difference and a separate softmax took several, each a fresh tensor of that size)
+    logp = torch.log_softmax(logits, dim=-1)
+    with torch.no_grad():
+        entropy = -(logp.exp() * logp).sum(-1)
+    return logp.gather(-1, targets[:, None])[:, 0], entropy
 
 
 def token_logprobs(hidden: Tensor, weight: Tensor, targets: Tensor, chunk: int,
@@ -84,10 +87,10 @@ class HFPolicy:
     def _forward(self, batch: PackedBatch, temperature: float) -> tuple[Tensor, Tensor]:
         body = self.model.base_model
         hidden = body(input_ids=batch.input_ids, position_ids=batch.position_ids,
-                      use_cache=False).last_hidden_state
+                      attention_mask=batch.attention_mask, use_cache=False).last_hidden_state
         hidden = hidden.reshape(-1, hidden.shape[-1])
         weight = self.model.get_output_embeddings().weight
-        return token_logprobs(hidden[batch.target_index - 1], weight, batch.targets,
+        return token_logprobs(hidden[batch.sources], weight, batch.targets,
                               self.cfg.logits_chunk, temperature)
 
     @torch.no_grad()

@@ -1,9 +1,19 @@
 """Packed batches: sequences placed end to end in rows, no padding per sequence.
 
-Rows have a common length (the longest sequence, or `row_tokens` if larger) and are
-filled first-fit-decreasing, so only each row's tail is padding. Position ids restart at 0
-for each sequence, and transformers restricts attention to each sequence from them (the
+Rows have a common length (the longest unit, or `row_tokens` if larger) and are filled
+first-fit-decreasing, so only each row's tail is padding. Position ids restart at 0 for
+each sequence, and transformers restricts attention to each sequence from them (the
 block-diagonal mask), so a row costs row_len^2 attention, not (all tokens)^2.
+
+Shared prompts (`share_prompts`): the samples of a group have the same prompt, and its
+forward pass is the same for each of them. A unit [prompt, response 1, ..., response n]
+computes it once: response j's positions continue from the prompt's, and an explicit
+attention mask lets its tokens see the prompt and response j's own earlier tokens only,
+so every logprob is the one of the sequence [prompt, response j] alone (the gradient
+too: the prompt's activations receive the sum over the responses). A group is shared when
+its prompt is at least as long as its responses on average (the prompt tokens saved then
+outweigh the larger attention blocks), in units of at most SHARE_ROW_FACTOR times the
+longest sequence.
 """
 
 from __future__ import annotations
@@ -13,6 +23,8 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+
+SHARE_ROW_FACTOR = 4
 
 
 @dataclass
@@ -25,10 +37,21 @@ class PackedBatch:
     num_tokens: int  # real (non-padding) tokens
     # [N] per target token, the iteration (policy version) that generated it, when known
     target_versions: Tensor | None = None
+    # [N] flat positions of the hidden states that predict the targets (with shared
+    # prompts, a response's first token follows the prompt, not the slot before it);
+    # None: target_index - 1
+    source_index: Tensor | None = None
+    # [R, 1, L, L] bool, True where a query may attend a key: set when prompts are shared
+    # (position ids alone then do not give the mask)
+    attention_mask: Tensor | None = None
 
     @property
     def targets(self) -> Tensor:
         return self.input_ids.reshape(-1)[self.target_index]
+
+    @property
+    def sources(self) -> Tensor:
+        return self.target_index - 1 if self.source_index is None else self.source_index
 
 
 def _rows(lengths: list[int], row_len: int) -> list[list[int]]:
@@ -47,6 +70,35 @@ def _rows(lengths: list[int], row_len: int) -> list[list[int]]:
     return rows
 
 
+def _units(prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]],
+           share: bool) -> list[list[int]]:
+    """Sequence indices per unit: one each, or with `share` the members of a group (equal
+    prompts) whose prompt is at least their mean response length, in runs of at most
+    SHARE_ROW_FACTOR x the longest sequence's tokens."""
+    if not share:
+        return [[i] for i in range(len(prompts))]
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for i, p in enumerate(prompts):
+        groups.setdefault(tuple(p), []).append(i)
+    cap = SHARE_ROW_FACTOR * max(len(p) + len(r) for p, r in zip(prompts, responses,
+                                                                  strict=True))
+    units: list[list[int]] = []
+    for prompt, members in groups.items():
+        mean_response = sum(len(responses[i]) for i in members) / len(members)
+        if len(members) == 1 or len(prompt) < mean_response:
+            units += [[i] for i in members]
+            continue
+        unit, size = [], len(prompt)
+        for i in members:
+            if unit and size + len(responses[i]) > cap:
+                units.append(unit)
+                unit, size = [], len(prompt)
+            unit.append(i)
+            size += len(responses[i])
+        units.append(unit)
+    return units
+
+
 def pack(
     prompts: Sequence[Sequence[int]],
     responses: Sequence[Sequence[int]],
@@ -55,14 +107,31 @@ def pack(
     row_tokens: int = 0,
     pad_id: int = 0,
     versions: Sequence[Sequence[int]] | None = None,
+    share_prompts: bool = False,
 ) -> list[PackedBatch]:
     """Pack prompt+response sequences into micro-batches of at most `max_tokens` row
     tokens (at least one row each). Targets are the response tokens, or those whose
     `loss_masks` entry is True. Sequences must have a non-empty prompt. `versions` (one
-    per response token: the iteration that generated it) travel with the targets."""
-    lengths = [len(p) + len(r) for p, r in zip(prompts, responses, strict=True)]
-    if not lengths:
+    per response token: the iteration that generated it) travel with the targets.
+    `share_prompts`: equal prompts computed once per unit (module docstring)."""
+    n_seq = len(prompts)
+    if len(responses) != n_seq:
+        raise ValueError(f"{n_seq} prompts for {len(responses)} responses")
+    for i in range(n_seq):
+        if not prompts[i]:
+            raise ValueError(f"sequence {i} has an empty prompt")
+        mask = loss_masks[i] if loss_masks is not None else None
+        if mask is not None and len(mask) != len(responses[i]):
+            raise ValueError(f"loss mask of sequence {i} has {len(mask)} entries "
+                             f"for {len(responses[i])} tokens")
+        if versions is not None and len(versions[i]) != len(responses[i]):
+            raise ValueError(f"versions of sequence {i} have {len(versions[i])} "
+                             f"entries for {len(responses[i])} tokens")
+    if not n_seq:
         return []
+    units = _units(prompts, responses, share_prompts)
+    lengths = [len(prompts[u[0]]) + sum(len(responses[i]) for i in u) for u in units]
+    shared = any(len(u) > 1 for u in units)
     row_len = max(max(lengths), row_tokens)
     rows = _rows(lengths, row_len)
     per_batch = max(1, max_tokens // row_len)
@@ -71,40 +140,55 @@ def pack(
         batch_rows = rows[b:b + per_batch]
         ids = torch.full((len(batch_rows), row_len), pad_id, dtype=torch.long)
         pos = torch.zeros((len(batch_rows), row_len), dtype=torch.long)
+        # per slot: its unit (pads: a unit each) and branch (0: the prompt, j: response j)
+        unit_of = -1 - torch.arange(len(batch_rows) * row_len).view(len(batch_rows), row_len)
+        branch = torch.zeros((len(batch_rows), row_len), dtype=torch.long)
         tgt: list[int] = []
+        src: list[int] = []
         seq: list[int] = []
         vers: list[int] = []
         seq_ids: list[int] = []
         for r, members in enumerate(batch_rows):
             at = 0
-            for i in members:
-                p, resp = prompts[i], responses[i]
-                if not p:
-                    raise ValueError(f"sequence {i} has an empty prompt")
-                mask = loss_masks[i] if loss_masks is not None else [True] * len(resp)
-                if len(mask) != len(resp):
-                    raise ValueError(f"loss mask of sequence {i} has {len(mask)} entries "
-                                     f"for {len(resp)} tokens")
-                if versions is not None:
-                    if len(versions[i]) != len(resp):
-                        raise ValueError(f"versions of sequence {i} have {len(versions[i])} "
-                                         f"entries for {len(resp)} tokens")
-                    vers += [v for v, m in zip(versions[i], mask, strict=True) if m]
-                n = len(p) + len(resp)
-                ids[r, at:at + n] = torch.tensor(list(p) + list(resp))
-                pos[r, at:at + n] = torch.arange(n)
-                start = r * row_len + at + len(p)
-                tgt += [start + t for t in range(len(resp)) if mask[t]]
-                seq += [len(seq_ids)] * sum(bool(m) for m in mask)
-                seq_ids.append(i)
-                at += n
+            for u in members:
+                p = prompts[units[u][0]]
+                ids[r, at:at + len(p)] = torch.tensor(list(p))
+                pos[r, at:at + len(p)] = torch.arange(len(p))
+                unit_of[r, at:at + len(p)] = u
+                last_prompt = r * row_len + at + len(p) - 1
+                at += len(p)
+                for j, i in enumerate(units[u], start=1):
+                    resp = responses[i]
+                    mask = loss_masks[i] if loss_masks is not None else [True] * len(resp)
+                    ids[r, at:at + len(resp)] = torch.tensor(list(resp), dtype=torch.long)
+                    pos[r, at:at + len(resp)] = torch.arange(len(p), len(p) + len(resp))
+                    unit_of[r, at:at + len(resp)] = u
+                    branch[r, at:at + len(resp)] = j
+                    start = r * row_len + at
+                    for t in range(len(resp)):
+                        if mask[t]:
+                            tgt.append(start + t)
+                            src.append(start + t - 1 if t else last_prompt)
+                    if versions is not None:
+                        vers += [v for v, m in zip(versions[i], mask, strict=True) if m]
+                    seq += [len(seq_ids)] * sum(bool(m) for m in mask)
+                    seq_ids.append(i)
+                    at += len(resp)
             pos[r, at:] = torch.arange(row_len - at)  # the tail pads form a block of their own
+        attention = None
+        if shared:
+            same = unit_of[:, :, None] == unit_of[:, None, :]
+            sees = (branch[:, None, :] == 0) | (branch[:, None, :] == branch[:, :, None])
+            attention = (same & sees & torch.ones(row_len, row_len, dtype=torch.bool).tril()
+                         )[:, None]
         batches.append(PackedBatch(
             input_ids=ids, position_ids=pos,
             target_index=torch.tensor(tgt, dtype=torch.long),
             seq_index=torch.tensor(seq, dtype=torch.long),
-            seq_ids=seq_ids, num_tokens=sum(lengths[i] for row in batch_rows for i in row),
+            seq_ids=seq_ids, num_tokens=sum(lengths[u] for row in batch_rows for u in row),
             target_versions=(torch.tensor(vers, dtype=torch.long) if versions is not None
                              else None),
+            source_index=torch.tensor(src, dtype=torch.long) if shared else None,
+            attention_mask=attention,
         ))
     return batches
