@@ -3,9 +3,10 @@
 glibc's malloc serves blocks above a threshold (dynamic, up to 32 MiB) with fresh mmap()
 pages and gives freed heap memory back to the system: a train step on CPU, which
 allocates and frees activations of a few MiB to tens of MiB, then spends much of its time
-on page faults and zeroing new pages (the demo model's train step: 1.3 s, 0.8 s with the
-settings below). `tune_allocator` keeps blocks up to 32 MiB in the heap and freed memory
-in the process; the cost is that the process's resident memory stays near its peak."""
+on page faults and zeroing new pages (the demo model's train step on bench/vs_trl.py's
+tiny workload: 1.3-1.5 s, 0.8-0.9 s with the settings below). `tune_allocator` keeps
+blocks up to 32 MiB in the heap and freed memory in the process; the cost is that the
+process's resident memory stays near its peak."""
 
 from __future__ import annotations
 
