@@ -16,7 +16,7 @@ import sys
 
 M_TRIM_THRESHOLD = -1  # mallopt parameters (malloc.h)
 M_MMAP_THRESHOLD = -3
-MMAP_THRESHOLD_MAX = 32 << 20  # glibc's ceiling on 64-bit systems
+MMAP_THRESHOLD_MAX = 32 << 20  # the maximum glibc documents for 64-bit (newer ones take more)
 
 
 def tune_allocator() -> bool:
