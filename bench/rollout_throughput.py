@@ -113,7 +113,9 @@ def worker(args) -> dict:
     """One measurement in this process; the result as a dict."""
     import torch
 
-    torch.set_num_threads(args.threads)
+    from kimi_rl import host
+
+    host.setup(args.threads)  # as `kimi-rl train` sets up its process, for every engine
     torch.manual_seed(0)
     model, tok = load(args)
     ids = prompts(tok, args.prompts, args.quick)

