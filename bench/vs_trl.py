@@ -37,7 +37,6 @@ Prints a line per phase and a final JSON line:
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import os
 import resource
@@ -116,13 +115,12 @@ def kimi_phase(size: str, w: dict, engine_name: str = "torch") -> dict:
 
     from kimi_rl import host
     from kimi_rl.algorithms import get_algorithm
-    from kimi_rl.build import build_policy, build_sampler
+    from kimi_rl.build import build_engine, build_policy, build_sampler
     from kimi_rl.config import register_configs
     from kimi_rl.data import load_task
     from kimi_rl.logging import RunLogger
     from kimi_rl.loop import build_rollouts, repeat_detection, rl_iteration
     from kimi_rl.rollout.engine import SamplingParams
-    from kimi_rl.rollout.torch_engine import TorchEngine
 
     with tempfile.TemporaryDirectory() as tmp:
         data_path = None
@@ -135,22 +133,14 @@ def kimi_phase(size: str, w: dict, engine_name: str = "torch") -> dict:
             data_path = chat_jsonl(tok, Path(tmp) / "problems.jsonl", 400, seed=1)
         register_configs()
         with hydra.initialize_config_module(config_module="kimi_rl.conf", version_base=None):
-            cfg = hydra.compose("train", overrides=kimi_overrides(size, w, data_path))
+            cfg = hydra.compose("train", overrides=kimi_overrides(size, w, data_path)
+                                + [f"rollout={engine_name}"])
         host.setup(cfg.num_threads)  # as `kimi-rl train` does
         torch.manual_seed(cfg.seed)
         task = load_task(cfg.data)
         policy, tokenizer = build_policy(cfg, task)
-        # as build_engine does, with no stop token: every response runs to max_new_tokens
-        if engine_name == "vllm":
-            from kimi_rl.rollout.vllm_engine import VllmEngine
-
-            engine = VllmEngine(policy.model, tokenizer, cfg.rollout.vllm, seed=cfg.seed + 1,
-                                max_batch_size=cfg.rollout.max_batch_size,
-                                model_path=cfg.model.path, eos_token_id=-1)
-        else:
-            engine = TorchEngine(copy.deepcopy(policy.model), eos_token_id=-1,
-                                 pad_token_id=tokenizer.pad_token_id, seed=cfg.seed + 1,
-                                 max_batch_size=cfg.rollout.max_batch_size)
+        # no stop token: every response runs to max_new_tokens
+        engine = build_engine(cfg, policy, tokenizer, eos_token_id=-1)
         sampler = build_sampler(cfg, task)
         algo = get_algorithm(cfg.algo.name)
         by_id = {p.id: p for p in task.train}

@@ -46,8 +46,11 @@ def build_policy(cfg: TrainConfig, task: TaskData) -> tuple[HFPolicy, PreTrained
     return HFPolicy(model, cfg.backend, cfg.algo), tokenizer
 
 
-def build_engine(cfg: TrainConfig, policy: HFPolicy, tokenizer: PreTrainedTokenizerBase
-                 ) -> TorchEngine:
+def build_engine(cfg: TrainConfig, policy: HFPolicy, tokenizer: PreTrainedTokenizerBase,
+                 eos_token_id: int | None = None) -> TorchEngine:
+    """The configured rollout engine. `eos_token_id`: the stop token instead of the
+    tokenizer's EOS (-1: none, every response runs to its token limit)."""
+    eos = tokenizer.eos_token_id if eos_token_id is None else eos_token_id
     if cfg.rollout.engine not in ENGINES:
         raise ValueError(
             f"rollout.engine: unknown engine {cfg.rollout.engine!r} (choose from {ENGINES})")
@@ -55,8 +58,9 @@ def build_engine(cfg: TrainConfig, policy: HFPolicy, tokenizer: PreTrainedTokeni
         from .rollout.vllm_engine import VllmEngine  # vllm is an optional dependency
 
         return VllmEngine(policy.model, tokenizer, cfg.rollout.vllm, seed=cfg.seed + 1,
-                          max_batch_size=cfg.rollout.max_batch_size, model_path=cfg.model.path)
-    return TorchEngine(copy.deepcopy(policy.model), tokenizer.eos_token_id,
+                          max_batch_size=cfg.rollout.max_batch_size, model_path=cfg.model.path,
+                          eos_token_id=eos)
+    return TorchEngine(copy.deepcopy(policy.model), eos,
                        tokenizer.pad_token_id, seed=cfg.seed + 1,
                        max_batch_size=cfg.rollout.max_batch_size)
 
