@@ -135,9 +135,9 @@ def worker(args) -> dict:
         from kimi_rl.policy.hf import HFPolicy
         from kimi_rl.rollout.vllm_engine import VllmEngine
 
-        cfg = VllmConfig(dtype=args.dtype, kv_cache_bytes=args.kv_cache_mib << 20)
+        cfg = VllmConfig(kv_cache_bytes=args.kv_cache_mib << 20)
         engine = VllmEngine(model, tok, cfg, seed=0, max_batch_size=len(ids),
-                            eos_token_id=NEVER)
+                            eos_token_id=NEVER, dtype=args.dtype)
         torch.set_num_threads(args.threads)
         seconds, n = run_engine(engine, ids, args.new_tokens)
         policy = HFPolicy(model, BackendConfig(), AlgoConfig())

@@ -14,7 +14,7 @@ from .config import TrainConfig
 from .data import TaskData
 from .data.tokenizer import char_tokenizer
 from .policy.hf import HFPolicy
-from .policy.model import load_pretrained, tiny_model
+from .policy.model import DTYPES, load_pretrained, tiny_model
 from .rollout.torch_engine import TorchEngine
 
 BACKENDS = ("hf", "megatron")
@@ -59,8 +59,11 @@ def build_engine(cfg: TrainConfig, policy: HFPolicy, tokenizer: PreTrainedTokeni
 
         return VllmEngine(policy.model, tokenizer, cfg.rollout.vllm, seed=cfg.seed + 1,
                           max_batch_size=cfg.rollout.max_batch_size, model_path=cfg.model.path,
-                          eos_token_id=eos)
-    return TorchEngine(copy.deepcopy(policy.model), eos,
+                          eos_token_id=eos, dtype=cfg.rollout.dtype)
+    model = copy.deepcopy(policy.model)
+    if cfg.rollout.dtype != "auto":  # auto: the policy's dtype
+        model = model.to(DTYPES[cfg.rollout.dtype])
+    return TorchEngine(model, eos,
                        tokenizer.pad_token_id, seed=cfg.seed + 1,
                        max_batch_size=cfg.rollout.max_batch_size)
 

@@ -63,6 +63,12 @@ class BackendConfig:
     micro_batch_tokens: int = 8192  # packed tokens per forward/backward
     logits_chunk: int = 2048  # tokens per lm-head chunk (bounds logits memory)
     attn_implementation: str = "sdpa"
+    # hf: run forward and backward passes under torch.autocast in this dtype (bfloat16 |
+    # float16; null: off). Parameters, gradients and optimizer states stay in model.dtype
+    # (float32 master weights); the lm head's log-softmax is float32 either way. On CPUs
+    # with AVX-512 BF16 the matmuls run ~4x faster. The megatron backend takes its
+    # precision from model.dtype (bf16 params, float32 main weights in its optimizer).
+    autocast: Optional[str] = None
     gradient_checkpointing: bool = False  # megatron: full recompute of every layer
     # hf: a group's prompt is computed once for its responses in a packed unit (exact; used
     # when the prompt is at least as long as the responses: kimi_rl/policy/packing.py).
@@ -109,7 +115,6 @@ class PartialConfig:
 class VllmConfig:
     """The vLLM rollout engine (rollout.engine=vllm; see README "vLLM rollouts")."""
 
-    dtype: str = "float32"  # engine weights/activations: float32 | bfloat16 | float16 | auto
     # KV cache size in bytes (null: vLLM sizes it from gpu_memory_utilization); needed on
     # CPU, where vLLM's default reads a per-node memory figure that does not fit
     kv_cache_bytes: Optional[int] = 1073741824
@@ -135,6 +140,10 @@ class RolloutConfig:
     """Rollout engine and sampling."""
 
     engine: str = "torch"
+    # the engine's copy of the weights and its activations: float32 | bfloat16 | float16
+    # (vllm also: auto). Sampling logprobs are computed in float32 from the engine's
+    # logits either way; in a lower precision they differ more from the trainer's
+    dtype: str = "float32"
     problems_per_iteration: int = 32
     group_size: int = 8  # k responses per problem
     temperature: float = 1.0
@@ -318,6 +327,8 @@ TRUNCATED_REWARDS = ("verify", "zero")
 REF_LOGPROBS = ("trainer", "rollout")
 LOSS_SEGMENTS = ("recent", "all")
 STALE_TRAJECTORIES = ("regenerate", "drop")
+ENGINE_DTYPES = ("float32", "bfloat16", "float16", "auto")
+AUTOCAST_DTYPES = (None, "bfloat16", "float16")
 
 
 def check_config(cfg: TrainConfig) -> None:
@@ -342,6 +353,12 @@ def check_config(cfg: TrainConfig) -> None:
     require("reward.repeat_penalty", rw.repeat_penalty,
             math.isfinite(rw.repeat_penalty) and rw.repeat_penalty >= 0,
             "a number >= 0 (it is subtracted from the reward)")
+    require("rollout.dtype", ro.dtype, ro.dtype in ENGINE_DTYPES, f"one of {list(ENGINE_DTYPES)}")
+    require("backend.autocast", cfg.backend.autocast, cfg.backend.autocast in AUTOCAST_DTYPES,
+            f"one of {list(AUTOCAST_DTYPES)}")
+    if cfg.backend.autocast is not None:
+        require("backend.autocast", cfg.backend.autocast, cfg.backend.name == "hf",
+                "null with the megatron backend (its precision is model.dtype)")
     require("algo.ref_logprobs", cfg.algo.ref_logprobs, cfg.algo.ref_logprobs in REF_LOGPROBS,
             f"one of {list(REF_LOGPROBS)}")
     require("reward.truncated_reward", rw.truncated_reward,

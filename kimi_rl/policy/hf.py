@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterator
 
 import torch
@@ -87,12 +88,16 @@ class HFPolicy:
 
     def _forward(self, batch: PackedBatch, temperature: float) -> tuple[Tensor, Tensor]:
         body = self.model.base_model
-        hidden = body(input_ids=batch.input_ids, position_ids=batch.position_ids,
-                      attention_mask=batch.attention_mask, use_cache=False).last_hidden_state
-        hidden = hidden.reshape(-1, hidden.shape[-1])
         weight = self.model.get_output_embeddings().weight
-        return token_logprobs(hidden[batch.sources], weight, batch.targets,
-                              self.cfg.logits_chunk, temperature)
+        ac = self.cfg.autocast
+        with (torch.autocast(weight.device.type, dtype=getattr(torch, ac)) if ac
+              else contextlib.nullcontext()):
+            hidden = body(input_ids=batch.input_ids, position_ids=batch.position_ids,
+                          attention_mask=batch.attention_mask, use_cache=False
+                          ).last_hidden_state
+            hidden = hidden.reshape(-1, hidden.shape[-1])
+            return token_logprobs(hidden[batch.sources], weight, batch.targets,
+                                  self.cfg.logits_chunk, temperature)
 
     @torch.no_grad()
     def logprobs(self, batch: PackedBatch, temperature: float = 1.0) -> tuple[Tensor, Tensor]:

@@ -187,10 +187,12 @@ class VllmEngine:
 
     def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
                  cfg: VllmConfig, seed: int = 0, max_batch_size: int = 512,
-                 model_path: str | None = None, eos_token_id: int | None = None):
-        self.cfg = cfg
+                 model_path: str | None = None, eos_token_id: int | None = None,
+                 dtype: str = "float32"):
+        self.cfg, self.dtype = cfg, dtype
         # the stop token: the tokenizer's EOS, or `eos_token_id` (-1: none, every response
-        # runs to its token limit)
+        # runs to its token limit). `dtype`: the engine's weights and activations
+        # (float32 | bfloat16 | float16 | auto)
         self.eos = tokenizer.eos_token_id if eos_token_id is None else eos_token_id
         self.max_batch_size = max_batch_size
         self.generator = torch.Generator().manual_seed(seed)
@@ -228,7 +230,7 @@ class VllmEngine:
         from vllm import LLM
 
         kwargs = dict(
-            model=str(path), tokenizer=str(path), dtype=cfg.dtype, seed=seed,
+            model=str(path), tokenizer=str(path), dtype=self.dtype, seed=seed,
             enforce_eager=cfg.enforce_eager, max_num_seqs=self.max_batch_size,
             max_model_len=cfg.max_model_len, enable_prefix_caching=True,
             logprobs_mode="raw_logprobs", enable_sleep_mode=cfg.sleep_mode,
