@@ -12,10 +12,11 @@ from hydra import compose, initialize_config_module
 from test_torch_engine import prompts, sequence_logprobs
 
 from kimi_rl.config import AlgoConfig, BackendConfig, check_config, register_configs
+from kimi_rl.policy.attention import decode_attention
 from kimi_rl.policy.hf import HFPolicy
 from kimi_rl.policy.packing import pack
 from kimi_rl.rollout.engine import Request, SamplingParams
-from kimi_rl.rollout.torch_engine import TorchEngine, _decode_attention
+from kimi_rl.rollout.torch_engine import TorchEngine
 
 
 @pytest.mark.parametrize("heads,kv_heads", [(4, 4), (6, 2)])
@@ -34,18 +35,18 @@ def test_decode_attention_equals_sdpa(heads, kv_heads):
     ref = F.scaled_dot_product_attention(
         q.double(), k.double(), v.double(), attn_mask=mask, scale=0.3,
         enable_gqa=True).transpose(1, 2)
-    got = _decode_attention(q, k, v, mask, 0.3)
+    got = decode_attention(q, k, v, mask, 0.3)
     assert got.shape == (B, 1, heads, D) and got.dtype == torch.float32
     torch.testing.assert_close(got.double(), ref, atol=1e-6, rtol=0)
     # a bfloat16 query against the float32 cache: output in bfloat16, float32 arithmetic
     qb = q.bfloat16()
     ref = F.scaled_dot_product_attention(qb.double(), k.double(), v.double(), attn_mask=mask,
                                          enable_gqa=True).transpose(1, 2)
-    got = _decode_attention(qb, k, v, mask, None)
+    got = decode_attention(qb, k, v, mask, None)
     assert got.dtype == torch.bfloat16
     torch.testing.assert_close(got.double(), ref, atol=2e-2, rtol=2e-2)
     assert (got.double() - ref).abs().max() > 0  # rounded to bfloat16 at the end
-    got = _decode_attention(q, k, v, None, None)  # no mask: every position
+    got = decode_attention(q, k, v, None, None)  # no mask: every position
     ref = F.scaled_dot_product_attention(q, k, v, enable_gqa=True).transpose(1, 2)
     torch.testing.assert_close(got, ref, atol=1e-6, rtol=0)
 
@@ -154,3 +155,31 @@ def test_build_engine_casts_only_the_engine_copy(tokenizer):
     assert {p.dtype for p in policy.model.parameters()} == {torch.float32}
     seg = engine.generate([Request([5, 6, 7])], 4, SamplingParams(greedy=True))[0]
     assert len(seg.tokens) >= 1
+
+
+def test_attention_under_autocast_runs_in_float32():
+    """On CPU under autocast the attention itself is computed in float32 (the projections
+    around it stay bfloat16): the same values as torch's kernel on float32 inputs, rounded
+    once to bfloat16, and gradients that reach the inputs."""
+    from kimi_rl.policy.attention import sdpa
+
+    gen = torch.Generator().manual_seed(0)
+    # queries and keys come out of the rotary embedding in float32, values in bfloat16
+    q = torch.randn(3, 4, 6, 8, generator=gen).requires_grad_()
+    k = torch.randn(3, 2, 6, 8, generator=gen).requires_grad_()
+    v = torch.randn(3, 2, 6, 8, generator=gen).bfloat16().requires_grad_()
+    mask = torch.ones(6, 6, dtype=torch.bool).tril()[None, None].expand(3, 1, 6, 6)
+    module = torch.nn.Module()
+    module.num_key_value_groups, module.is_causal = 2, True
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, _ = sdpa(module, q, k, v, mask, scaling=0.5)
+    want = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask,
+                                          scale=0.5, enable_gqa=True).transpose(1, 2)
+    assert out.dtype == torch.bfloat16 and out.shape == (3, 6, 4, 8)
+    assert torch.equal(out, want.bfloat16())
+    out.float().sum().backward()
+    assert v.grad.dtype == torch.bfloat16 and k.grad.abs().sum() > 0
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # what torch's kernel would do here
+        native = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=0.5,
+                                                enable_gqa=True).transpose(1, 2)
+    assert native.dtype == torch.bfloat16 and not torch.equal(native, out)

@@ -11,6 +11,7 @@ from torch.utils.checkpoint import checkpoint
 from transformers import PreTrainedModel
 
 from ..config import AlgoConfig, BackendConfig
+from .attention import use_sdpa
 from .packing import PackedBatch
 
 LossFn = Callable[[Tensor, PackedBatch], tuple[Tensor, dict[str, float]]]
@@ -56,6 +57,10 @@ class HFPolicy:
         self.model = model
         self.cfg = backend
         self.algo = algo
+        if backend.attn_implementation == "sdpa":
+            use_sdpa(model)  # torch's sdpa kernel, as transformers calls it, tuned (attention.py)
+        else:
+            model.set_attn_implementation(backend.attn_implementation)
         if backend.gradient_checkpointing:
             model.gradient_checkpointing_enable()
         model.config.use_cache = False

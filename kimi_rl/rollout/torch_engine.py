@@ -8,11 +8,10 @@ from collections.abc import Iterable, Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from transformers import AttentionInterface, DynamicCache, PreTrainedModel
+from transformers import DynamicCache, PreTrainedModel
 from transformers.cache_utils import DynamicLayer
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
-from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
+from ..policy.attention import use_sdpa
 from ..rewards.repetition import RepeatTracker
 from .engine import Request, SamplingParams, Segment
 
@@ -46,51 +45,6 @@ def sample_tokens(logits: Tensor, params: SamplingParams, generator: torch.Gener
     u = torch.rand((len(probs), 1), generator=generator, dtype=torch.float64)
     tok = torch.searchsorted(cdf, u * cdf[:, -1:], right=True)[:, 0]
     return tok, logp.gather(-1, tok[:, None])[:, 0]
-
-
-GQA_SDPA = "kimi_rl_sdpa_gqa"
-
-
-def _decode_attention(query: Tensor, key: Tensor, value: Tensor, mask: Tensor | None,
-                      scale: float | None) -> Tensor:
-    """One query position per row ([B, H, 1, D] against [B, KV, L, D] keys and values,
-    H a multiple of KV; `mask` [B, 1, 1, L] bool or None) as two batched matmuls, the
-    softmax in float32; returns [B, 1, H, D]. torch's CPU kernel takes ~10x longer for
-    this shape in bfloat16 than in float32 (3.7 ms against 0.33 ms for 32 x 9 heads x 200
-    positions)."""
-    B, H, _, D = query.shape
-    kv = key.shape[1]
-    # query head h reads key/value head h // (H/KV); the matmuls in the cache's dtype
-    q = query.reshape(B, kv, H // kv, D).to(key.dtype)
-    scores = torch.matmul(q, key.transpose(-1, -2)).float() * (scale or D ** -0.5)
-    if mask is not None:
-        scores = scores.masked_fill(~mask.view(B, 1, 1, -1), float("-inf"))
-    out = torch.matmul(torch.softmax(scores, -1).to(value.dtype), value)  # [B, KV, H/KV, D]
-    return out.reshape(B, 1, H, D).to(query.dtype)
-
-
-def _sdpa_gqa(module: torch.nn.Module, query: Tensor, key: Tensor, value: Tensor,
-              attention_mask: Tensor | None, **kwargs) -> tuple[Tensor, None]:
-    """transformers' sdpa attention, except that grouped-query keys and values go to torch's
-    kernel as they are (`enable_gqa`) when there is a mask: transformers copies them once
-    per query head then, which cost a decode step of SmolLM2-135M (3 KV heads for 9) as
-    much as its attention. Other cases are transformers' own, except decode steps in a
-    low precision (`_decode_attention`)."""
-    if query.shape[2] == 1 and query.dtype != torch.float32 and (
-            attention_mask is None or attention_mask.dtype == torch.bool):
-        return _decode_attention(query, key, value, attention_mask, kwargs.get("scaling")), None
-    if (attention_mask is None or getattr(module, "num_key_value_groups", 1) == 1
-            or kwargs.get("position_bias") is not None or kwargs.get("cache") is not None):
-        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
-    out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask,
-                                         dropout_p=kwargs.get("dropout", 0.0),
-                                         scale=kwargs.get("scaling"), enable_gqa=True)
-    return out.transpose(1, 2).contiguous(), None
-
-
-AttentionInterface.register(GQA_SDPA, _sdpa_gqa)
-ALL_MASK_ATTENTION_FUNCTIONS.register(GQA_SDPA, sdpa_mask)
-
 
 class _BufferedLayer(DynamicLayer):
     """A KV-cache layer whose keys and values live in buffers with room for `reserve` more
@@ -153,11 +107,10 @@ class TorchEngine:
     def __init__(self, model: PreTrainedModel, eos_token_id: int, pad_token_id: int,
                  seed: int = 0, max_batch_size: int = 512):
         self.model = model.eval()
-        # decode steps read a float32 cache in a low-precision model (_BufferedLayer); the
-        # attention then must be ours, which takes mixed dtypes (_decode_attention)
+        # decode steps read a float32 cache in a low-precision model on CPU (_BufferedLayer);
+        # the attention then must be ours, which takes mixed dtypes (decode_attention)
         self.kv_dtype = None
-        if getattr(model.config, "_attn_implementation", None) == "sdpa":
-            model.set_attn_implementation(GQA_SDPA)
+        if use_sdpa(model) and model.device.type == "cpu":
             self.kv_dtype = torch.float32
         self.eos, self.pad = eos_token_id, pad_token_id
         self.max_batch_size = max_batch_size
