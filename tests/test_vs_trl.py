@@ -118,7 +118,8 @@ def test_dropout_is_detected():
                     reason="trl is a bench-only dependency (pip install -e '.[bench]')")
 def test_vs_trl_quick():
     out = subprocess.run([sys.executable, str(ROOT / "bench" / "vs_trl.py"), "--size", "tiny",
-                          "--quick"], capture_output=True, text=True, timeout=400, cwd=ROOT)
+                          "--quick", "--precision", "bfloat16", "--trl-precision", "both"],
+                         capture_output=True, text=True, timeout=400, cwd=ROOT)
     assert out.returncode == 0, out.stderr[-3000:]
     r = json.loads(out.stdout.strip().splitlines()[-1])
     w = r["workload"]
@@ -128,3 +129,6 @@ def test_vs_trl_quick():
         assert r[side]["trained_tokens_per_step"] == per_step, side
         assert r[side]["seconds_per_step"] > 0 and r[side]["peak_rss_mib"] > 0
     assert r["equal_work"] and r["ratio_trl_over_kimi"] > 0
+    by = r["trl_seconds_per_step_by_precision"]  # TRL in both precisions, the faster taken
+    assert set(by) == {"float32", "bfloat16"}
+    assert r["trl"]["seconds_per_step"] == min(by.values()) == by[r["trl_precision"]]
