@@ -30,9 +30,8 @@ Configurations (each system's best on a CPU, measured here; see bench/README.md)
   cache, gradient checkpointing off, sdpa attention, 2 threads.
 - Precision (`--precision`, both sides; `--trl-precision` sets TRL's apart): float32, or
   bfloat16 matmuls with float32 master weights and optimizer states (kimi-rl:
-  backend.autocast=bfloat16, and at 135m rollout.dtype=bfloat16, the engine's own
-  bfloat16 copy; TRL: bf16=True, the Trainer's autocast, which also covers its
-  generation).
+  backend.autocast=bfloat16 and rollout.dtype=bfloat16, the engine's own bfloat16 copy;
+  TRL: bf16=True, the Trainer's autocast, which also covers its generation).
 
 Prints a line per phase and a final JSON line:
 
@@ -61,13 +60,10 @@ SIZES = {
 }
 QUICK = dict(prompts=2, k=2, tokens=8, steps=1)
 THREADS = 2
-# kimi-rl's settings per --precision and size: bfloat16 matmuls in the train step
-# (autocast, float32 master weights and Adam) and, at 135m, in the rollout engine (its own
-# bfloat16 copy of the weights). The tiny model's engine stays float32: at its size a
-# bfloat16 decode step of 128 sequences is slower (8.1 against 7.1 ms here)
-PRECISION = {"float32": {"tiny": [], "135m": []},
-             "bfloat16": {"tiny": ["backend.autocast=bfloat16"],
-                          "135m": ["backend.autocast=bfloat16", "rollout.dtype=bfloat16"]}}
+# kimi-rl's settings per --precision: bfloat16 matmuls in the train step (autocast, float32
+# master weights and Adam) and in the rollout engine (its own bfloat16 copy of the weights)
+PRECISION = {"float32": [],
+             "bfloat16": ["backend.autocast=bfloat16", "rollout.dtype=bfloat16"]}
 CHAT_INSTRUCTION = ("Add these labelled digits modulo 10, one per line (for example "
                     "0+k7=7), then write 'answer N' on the last line.\n")
 
@@ -147,7 +143,7 @@ def kimi_phase(size: str, w: dict, engine_name: str = "torch", precision: str = 
         register_configs()
         with hydra.initialize_config_module(config_module="kimi_rl.conf", version_base=None):
             cfg = hydra.compose("train", overrides=kimi_overrides(size, w, data_path)
-                                + [f"rollout={engine_name}"] + PRECISION[precision][size])
+                                + [f"rollout={engine_name}"] + PRECISION[precision])
         host.setup(cfg.num_threads)  # as `kimi-rl train` does
         torch.manual_seed(cfg.seed)
         task = load_task(cfg.data)
