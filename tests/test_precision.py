@@ -183,3 +183,17 @@ def test_attention_under_autocast_runs_in_float32():
         native = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=0.5,
                                                 enable_gqa=True).transpose(1, 2)
     assert native.dtype == torch.bfloat16 and not torch.equal(native, out)
+
+
+def test_engine_dtypes_keep_their_cache(make_model, tokenizer):
+    """Only a low-precision engine gets the float32 KV cache; float64 and float32 engines
+    keep their own dtype and decode the same greedy tokens."""
+    model = make_model(seed=1, std=0.1, num_heads=4, num_kv_heads=2, hidden_size=64)
+    ps = prompts(len(tokenizer))
+    out = {}
+    for dt in (torch.float64, torch.float32, torch.bfloat16):
+        engine = TorchEngine(copy.deepcopy(model).to(dt), -1, tokenizer.pad_token_id)
+        assert engine.kv_dtype == (torch.float32 if dt == torch.bfloat16 else None)
+        out[dt] = [s.tokens for s in engine.generate([Request(p) for p in ps], 6,
+                                                     SamplingParams(greedy=True))]
+    assert out[torch.float64] == out[torch.float32]

@@ -110,7 +110,8 @@ class TorchEngine:
         # decode steps read a float32 cache in a low-precision model on CPU (_BufferedLayer);
         # the attention then must be ours, which takes mixed dtypes (decode_attention)
         self.kv_dtype = None
-        if use_sdpa(model) and model.device.type == "cpu":
+        low = model.dtype in (torch.bfloat16, torch.float16)
+        if use_sdpa(model) and low and model.device.type == "cpu":
             self.kv_dtype = torch.float32
         self.eos, self.pad = eos_token_id, pad_token_id
         self.max_batch_size = max_batch_size
