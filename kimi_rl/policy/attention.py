@@ -24,6 +24,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
 SDPA = "kimi_rl_sdpa"
+LOW_PRECISION = (torch.bfloat16, torch.float16)  # dtypes whose CPU decode takes the matmuls
 
 
 def decode_attention(query: Tensor, key: Tensor, value: Tensor, mask: Tensor | None,
@@ -45,7 +46,7 @@ def sdpa(module: torch.nn.Module, query: Tensor, key: Tensor, value: Tensor,
          attention_mask: Tensor | None, **kwargs) -> tuple[Tensor, None]:
     """transformers' attention-function signature: [B, H, Lq, D] queries, [B, KV, Lk, D]
     keys and values; returns [B, Lq, H, D]."""
-    cpu_low = query.device.type == "cpu" and query.dtype in (torch.bfloat16, torch.float16)
+    cpu_low = query.device.type == "cpu" and query.dtype in LOW_PRECISION
     if cpu_low and query.shape[2] == 1 and (attention_mask is None
                                             or attention_mask.dtype == torch.bool):
         return decode_attention(query, key, value, attention_mask, kwargs.get("scaling")), None

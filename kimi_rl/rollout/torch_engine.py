@@ -11,7 +11,7 @@ from torch import Tensor
 from transformers import DynamicCache, PreTrainedModel
 from transformers.cache_utils import DynamicLayer
 
-from ..policy.attention import use_sdpa
+from ..policy.attention import LOW_PRECISION, use_sdpa
 from ..rewards.repetition import RepeatTracker
 from .engine import Request, SamplingParams, Segment
 
@@ -110,8 +110,7 @@ class TorchEngine:
         # decode steps read a float32 cache in a low-precision model on CPU (_BufferedLayer);
         # the attention then must be ours, which takes mixed dtypes (decode_attention)
         self.kv_dtype = None
-        low = model.dtype in (torch.bfloat16, torch.float16)
-        if use_sdpa(model) and low and model.device.type == "cpu":
+        if use_sdpa(model) and model.dtype in LOW_PRECISION and model.device.type == "cpu":
             self.kv_dtype = torch.float32
         self.eos, self.pad = eos_token_id, pad_token_id
         self.max_batch_size = max_batch_size
