@@ -5,12 +5,15 @@ changes, each found by profiling on CPUs (figures on 2 AMD EPYC cores with AVX-5
 - grouped-query keys and values go to torch's kernel as they are (`enable_gqa`) when
   there is a mask: transformers copies them once per query head then, which cost a decode
   step of SmolLM2-135M (3 KV heads for 9) as much as its attention;
-- a decode step (one query per row) in a low precision on CPU is two batched matmuls
-  (`decode_attention`): torch's CPU kernel takes ~10x longer for this shape in bfloat16
-  than in float32;
-- under autocast on CPU, attention runs in float32: the bfloat16 kernel's backward pass is
-  2x slower than the float32 one at the demo model's shapes (and no faster at
-  SmolLM2-135M's). The projections around it stay in bfloat16.
+- in a low precision on CPU (a bfloat16/float16 model, or under autocast), attention is
+  two batched matmuls (`matmul_attention`) wherever its score matrix is small: every
+  decode step (torch's CPU kernel takes ~10x longer for one query in bfloat16 than in
+  float32) and short sequences, forward and backward (training rows of 86 tokens, the
+  demo model's shapes: 16 ms a layer against 26 ms for torch's float32 kernel and 45 ms
+  for its bfloat16 one; SmolLM2-135M's shapes at 150 tokens: 15 ms against 31 ms). The
+  scores are rounded to bfloat16 before the softmax, as in transformers' eager attention;
+- otherwise, under autocast on CPU, attention runs in float32 with torch's kernel (its
+  bfloat16 backward is slower), the projections around it in bfloat16.
 
 Everything else is transformers' own function."""
 
@@ -24,33 +27,60 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
 SDPA = "kimi_rl_sdpa"
-LOW_PRECISION = (torch.bfloat16, torch.float16)  # dtypes whose CPU decode takes the matmuls
+LOW_PRECISION = (torch.bfloat16, torch.float16)  # dtypes whose CPU attention takes matmuls
+# largest score matrix (batch x heads x queries x keys elements) computed by matmuls; above
+# it torch's kernel, which never holds the whole matrix
+MATMUL_SCORES_MAX = 1 << 24
 
 
-def decode_attention(query: Tensor, key: Tensor, value: Tensor, mask: Tensor | None,
-                     scale: float | None) -> Tensor:
-    """One query position per row ([B, H, 1, D] against [B, KV, L, D] keys and values,
-    H a multiple of KV; `mask` [B, 1, 1, L] bool or None) as two batched matmuls in the
-    keys' dtype, the softmax in float32; returns [B, 1, H, D] in the query's dtype."""
-    B, H, _, D = query.shape
-    kv = key.shape[1]
-    q = query.reshape(B, kv, H // kv, D).to(key.dtype)  # head h reads kv head h // (H/KV)
-    scores = torch.matmul(q, key.transpose(-1, -2)).float() * (scale or D ** -0.5)
+def matmul_attention(query: Tensor, key: Tensor, value: Tensor, mask: Tensor | None,
+                     scale: float | None, dtype: torch.dtype, causal: bool = False) -> Tensor:
+    """softmax(q k^T x scale, masked) v for [B, H, Lq, D] queries and [B, KV, Lk, D] keys
+    and values (H a multiple of KV: query head h reads KV head h // (H/KV)), as two batched
+    matmuls in `dtype` (the softmax accumulates in float32). `mask`: bool, broadcastable
+    to [B, 1, Lq, Lk], True where a query sees a key; `causal` (with no mask): query i
+    sees keys 0..i (torch's is_causal). A query that sees no key averages all values
+    (finite, as in transformers' eager attention). Returns [B, Lq, H, D] in `dtype`."""
+    B, H, Lq, D = query.shape
+    kv, Lk = key.shape[1], key.shape[2]
+    q = (query * (scale or D ** -0.5)).to(dtype).reshape(B, kv, H // kv * Lq, D)
+    scores = torch.matmul(q, key.to(dtype).transpose(-1, -2)).view(B, kv, H // kv, Lq, Lk)
+    if mask is None and causal and Lq > 1:
+        mask = torch.ones(Lq, Lk, dtype=torch.bool, device=query.device).tril()
     if mask is not None:
-        scores = scores.masked_fill(~mask.view(B, 1, 1, -1), float("-inf"))
-    out = torch.matmul(torch.softmax(scores, -1).to(value.dtype), value)  # [B, KV, H/KV, D]
-    return out.reshape(B, 1, H, D).to(query.dtype)
+        while mask.dim() < 4:
+            mask = mask[None]
+        scores = scores.masked_fill(~mask[:, :, None], torch.finfo(dtype).min)
+    probs = torch.softmax(scores, -1).view(B, kv, H // kv * Lq, Lk)
+    out = torch.matmul(probs, value.to(dtype)).view(B, kv, H // kv, Lq, D)
+    return out.permute(0, 3, 1, 2, 4).reshape(B, Lq, H, D)
 
 
 def sdpa(module: torch.nn.Module, query: Tensor, key: Tensor, value: Tensor,
          attention_mask: Tensor | None, **kwargs) -> tuple[Tensor, None]:
     """transformers' attention-function signature: [B, H, Lq, D] queries, [B, KV, Lk, D]
     keys and values; returns [B, Lq, H, D]."""
-    cpu_low = query.device.type == "cpu" and query.dtype in LOW_PRECISION
-    if cpu_low and query.shape[2] == 1 and (attention_mask is None
-                                            or attention_mask.dtype == torch.bool):
-        return decode_attention(query, key, value, attention_mask, kwargs.get("scaling")), None
-    if query.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
+    cpu = query.device.type == "cpu"
+    autocast = cpu and torch.is_autocast_enabled("cpu")
+    B, H, Lq, _ = query.shape
+    if (cpu and (autocast or query.dtype in LOW_PRECISION) and not kwargs.get("dropout")
+            and (attention_mask is None or (attention_mask.dtype == torch.bool
+                                            and attention_mask.shape[-3] == 1))
+            and (Lq == 1 or B * H * Lq * key.shape[2] <= MATMUL_SCORES_MAX)
+            and kwargs.get("position_bias") is None and kwargs.get("cache") is None):
+        # decode steps in the keys' dtype (a low-precision engine keeps a float32 cache:
+        # torch_engine.py); under autocast its dtype; the output in the dtype that follows
+        dtype = torch.get_autocast_dtype("cpu") if autocast else key.dtype
+        causal = kwargs.get("is_causal")
+        causal = getattr(module, "is_causal", True) if causal is None else causal
+        if causal and attention_mask is None and 1 < Lq < key.shape[2]:
+            # as transformers' sdpa: the keys past the queries are an empty cache's
+            key, value = key[:, :, :Lq], value[:, :, :Lq]
+        with torch.autocast("cpu", enabled=False):
+            out = matmul_attention(query, key, value, attention_mask, kwargs.get("scaling"),
+                                   dtype, causal=causal)
+        return out.to(torch.get_autocast_dtype("cpu") if autocast else query.dtype), None
+    if autocast:
         # (queries and keys may arrive in float32 already: rotary embeddings upcast them)
         with torch.autocast("cpu", enabled=False):
             out, _ = sdpa(module, query.float(), key.float(), value.float(), attention_mask,
