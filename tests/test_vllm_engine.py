@@ -157,6 +157,21 @@ def test_seeded_runs_reproduce(tied, tok):
     assert [s.tokens for s in c] != [s.tokens for s in d]
 
 
+def test_a_batch_beyond_one_engine_step(tied, tok):
+    """More prompt tokens than vLLM schedules in one step on CPU (4096 by default): the
+    run completes (vLLM splitting a prompt over steps would have to rewind its seeded CPU
+    generator) and each request still samples what it samples alone with its seed."""
+    prompts = [f"a{i // 10} b{i % 10} " + " ".join(f"k{j % 10}" for j in range(45)) + "\n"
+               for i in range(40)]
+    requests = reqs(tok, prompts)
+    assert sum(len(r.prompt_ids) for r in requests) > 4096
+    params = SamplingParams(temperature=1.0, seed=11)
+    batch = tied.generate(requests, 6, params)
+    for i in (0, 17, 39):
+        alone = tied.generate([requests[i]], 6, SamplingParams(temperature=1.0, seed=11 + i))
+        assert batch[i].tokens == alone[0].tokens and len(batch[i].tokens) > 0
+
+
 def test_partial_unknown_and_misshapen_updates_are_refused(tied, tied_model, tok):
     requests = reqs(tok)
     greedy = SamplingParams(greedy=True)

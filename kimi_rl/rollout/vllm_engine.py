@@ -17,7 +17,9 @@ onto vLLM:
 - `max_running`: requests are added to vLLM only while fewer than that are running, in
   order (continuous batching).
 - Seeds: every request gets its own vLLM seed, drawn from the engine's generator (or
-  `params.seed + i`), so a run reproduces whatever the batch around a request is.
+  `params.seed + i`), so a run reproduces whatever the batch around a request is. On CPU
+  prompts are not split over engine steps (no chunked prefill): vLLM would rewind a
+  split request's seeded generator, which only CUDA generators support.
 - Weight sync: the full HF-named state dict is checked (names, shapes, coverage) against
   the policy's, then loaded with vLLM's in-place `reload_weights`; a tied output layer is
   re-packed; the prefix cache is cleared. On GPU the tensors travel in buckets of
@@ -242,6 +244,14 @@ class VllmEngine:
             kwargs["kv_cache_memory_bytes"] = cfg.kv_cache_bytes
         if cfg.max_num_batched_tokens:
             kwargs["max_num_batched_tokens"] = cfg.max_num_batched_tokens
+        if not cuda:
+            # a prompt split over engine steps (chunked prefill) makes vLLM rewind the
+            # request's seeded generator, which a CPU generator cannot do ("CPU Generator
+            # does not use offset", once a batch's prompts pass one step's token budget):
+            # on CPU whole prompts only, and a step budget that holds the longest
+            kwargs["enable_chunked_prefill"] = False
+            kwargs["max_num_batched_tokens"] = max(cfg.max_num_batched_tokens or 4096,
+                                                   self._max_model_len(path))
         if cfg.external_launcher:
             kwargs["distributed_executor_backend"] = "external_launcher"
         set_threads = torch.set_num_threads  # the CPU worker replaces it with a no-op
@@ -253,6 +263,18 @@ class VllmEngine:
                                f"{type(e).__name__}: {e}") from e
         finally:
             torch.set_num_threads = set_threads
+
+    def _max_model_len(self, path: Path) -> int:
+        """rollout.vllm.max_model_len, or what vLLM takes from the model's config."""
+        if self.cfg.max_model_len:
+            return int(self.cfg.max_model_len)
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(path)
+        config = getattr(config, "text_config", config)
+        keys = ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length",
+                "max_sequence_length")
+        return max([int(getattr(config, k, 0) or 0) for k in keys] + [4096])
 
     # ---- generation -------------------------------------------------------------------
 
