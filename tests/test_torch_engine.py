@@ -351,6 +351,22 @@ def test_contexts_of_very_different_lengths_generate_as_if_alone(make_model, tok
         assert seg.tokens == ref[:len(seg.tokens)]
 
 
+def test_repeated_contexts_generate_as_if_alone(make_model, tokenizer):
+    """The samples of a group (equal contexts, prefilled once) each generate what the
+    context generates alone, greedy; sampled rows still differ."""
+    model = make_model(seed=2, std=0.3)
+    engine = engine_for(model, tokenizer)
+    a, b = prompts(len(tokenizer), lengths=(6, 9), seed=5)
+    ps = [a, b, a, a, b]
+    together = engine.generate([Request(p) for p in ps], 8, SamplingParams(greedy=True))
+    for p, seg in zip(ps, together, strict=True):
+        ref, lps, _ = greedy_reference(model, p, len(seg.tokens), tokenizer.eos_token_id)
+        assert seg.tokens == ref
+        torch.testing.assert_close(seg.logprobs, lps, atol=1e-4, rtol=0)
+    sampled = engine.generate([Request(a)] * 4, 8, SamplingParams(temperature=1.0))
+    assert len({tuple(s.tokens) for s in sampled}) > 1
+
+
 @pytest.mark.parametrize("max_running", [1, 2, 3])
 def test_queued_requests_start_as_rows_end(make_model, tokenizer, max_running):
     """Continuous batching: with fewer running rows than requests, each request still

@@ -15,8 +15,10 @@ from ..policy.attention import LOW_PRECISION, use_sdpa
 from ..rewards.repetition import RepeatTracker
 from .engine import Request, SamplingParams, Segment
 
-# contexts prefilled in one padded batch are at least this fraction of its longest
+# contexts prefilled in one padded batch are at least this fraction of its longest, or
+# at most this many tokens shorter (a forward pass per bucket costs more than that padding)
 PREFILL_BUCKET_RATIO = 0.8
+PREFILL_BUCKET_SLACK = 16
 # queued requests start once this share of the running rows (at least one) has ended
 REFILL_FRACTION = 0.125
 
@@ -254,15 +256,25 @@ class TorchEngine:
         """Per-layer keys and values, last-position logits and attention mask of
         left-padded contexts.
 
-        Contexts of similar length are prefilled together (a bucket holds lengths within
-        `PREFILL_BUCKET_RATIO` of its longest), then their caches are left-padded to the
-        longest context and stacked: continuations of partial rollouts have very different
-        lengths, and one padded batch would spend most of its compute on padding."""
+        Equal contexts (the samples of a group) are computed once. Contexts of similar
+        length are prefilled together (a bucket holds lengths within `PREFILL_BUCKET_RATIO`
+        of its longest or `PREFILL_BUCKET_SLACK` tokens of it), then their caches are
+        left-padded to the longest context and stacked: continuations of partial rollouts
+        have very different lengths, and one padded batch would spend most of its compute
+        on padding."""
+        first: dict[tuple[int, ...], int] = {}
+        which = [first.setdefault(tuple(c), len(first)) for c in ctx]
+        if len(first) < len(ctx):
+            keys, values, logits, mask = self._prefill_kv([list(c) for c in first])
+            at = torch.tensor(which)
+            return [k[at] for k in keys], [v[at] for v in values], logits[at], mask[at]
         L = max(len(c) for c in ctx)
         order = sorted(range(len(ctx)), key=lambda i: -len(ctx[i]))
         buckets: list[list[int]] = []
         for i in order:
-            if buckets and len(ctx[i]) >= PREFILL_BUCKET_RATIO * len(ctx[buckets[-1][0]]):
+            longest = len(ctx[buckets[-1][0]]) if buckets else 0
+            if buckets and (len(ctx[i]) >= PREFILL_BUCKET_RATIO * longest
+                            or len(ctx[i]) >= longest - PREFILL_BUCKET_SLACK):
                 buckets[-1].append(i)
             else:
                 buckets.append([i])
