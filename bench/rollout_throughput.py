@@ -18,11 +18,13 @@ dict (names, shapes and coverage checked, then loaded in place).
 
 Default model: SmolLM2-135M (`kimi_rl.policy.model.smollm2_dir()`), float32 (`--dtype
 bfloat16` for all three). `--quick`: a tiny random Llama (head_dim 32) and a few tokens.
+`--vllm-compile`: vLLM with its compiled graphs (`rollout.vllm.enforce_eager=false`; a
+minute or two more start-up, not timed) instead of eager mode.
 
 Prints a line per measurement and a final JSON line.
 
     python bench/rollout_throughput.py [--prompts 48] [--new-tokens 128] [--rounds 2]
-        [--dtype float32|bfloat16] [--quick]
+        [--dtype float32|bfloat16] [--vllm-compile] [--quick]
 """
 
 from __future__ import annotations
@@ -135,7 +137,8 @@ def worker(args) -> dict:
         from kimi_rl.policy.hf import HFPolicy
         from kimi_rl.rollout.vllm_engine import VllmEngine
 
-        cfg = VllmConfig(kv_cache_bytes=args.kv_cache_mib << 20)
+        cfg = VllmConfig(kv_cache_bytes=args.kv_cache_mib << 20,
+                         enforce_eager=not args.vllm_compile)
         engine = VllmEngine(model, tok, cfg, seed=0, max_batch_size=len(ids),
                             eos_token_id=NEVER, dtype=args.dtype)
         torch.set_num_threads(args.threads)
@@ -163,6 +166,7 @@ def measure(engine: str, args) -> dict:
            "--new-tokens", str(args.new_tokens), "--dtype", args.dtype,
            "--threads", str(args.threads), "--syncs", str(args.syncs),
            "--kv-cache-mib", str(args.kv_cache_mib)] + (["--quick"] if args.quick else [])
+    cmd += ["--vllm-compile"] if args.vllm_compile else []
     env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "PYTHONUNBUFFERED": "1"}
     env.setdefault("VLLM_CACHE_ROOT", str(Path(tempfile.gettempdir()) / "kimi-rl-vllm-cache"))
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
@@ -180,6 +184,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads")
     ap.add_argument("--syncs", type=int, default=5, help="weight syncs timed (median)")
     ap.add_argument("--kv-cache-mib", type=int, default=2048, help="vLLM KV cache")
+    ap.add_argument("--vllm-compile", action="store_true",
+                    help="vLLM with compiled graphs (enforce_eager=false), not eager mode")
     ap.add_argument("--quick", action="store_true", help="tiny random model (smoke test)")
     ap.add_argument("--worker", choices=ENGINES, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -206,7 +212,7 @@ def main() -> None:
     print(json.dumps({
         "model": "tiny-random-llama" if args.quick else "SmolLM2-135M", "dtype": args.dtype,
         "prompts": args.prompts, "new_tokens": args.new_tokens, "rounds": args.rounds,
-        "threads": args.threads,
+        "threads": args.threads, "vllm_compiled": args.vllm_compile,
         "tokens_per_s": {e: round(v, 2) for e, v in tps.items()},
         "tokens_per_s_rounds": {e: [round(x["tokens_per_s"], 2) for x in runs[e]]
                                 for e in ENGINES},
