@@ -37,8 +37,8 @@ def matmul_attention(query: Tensor, key: Tensor, value: Tensor, mask: Tensor | N
                      scale: float | None, dtype: torch.dtype, causal: bool = False) -> Tensor:
     """softmax(q k^T x scale, masked) v for [B, H, Lq, D] queries and [B, KV, Lk, D] keys
     and values (H a multiple of KV: query head h reads KV head h // (H/KV)), as two batched
-    matmuls in `dtype` (the softmax accumulates in float32). `mask`: bool, broadcastable
-    to [B, 1, Lq, Lk], True where a query sees a key; `causal` (with no mask): query i
+    matmuls in `dtype` (the softmax accumulates in float32). `mask`: bool [B or 1, 1, Lq,
+    Lk] (broadcast over the batch), True where a query sees a key; `causal` (no mask): query i
     sees keys 0..i (torch's is_causal). A query that sees no key averages all values
     (finite, as in transformers' eager attention). Returns [B, Lq, H, D] in `dtype`."""
     B, H, Lq, D = query.shape
@@ -46,10 +46,8 @@ def matmul_attention(query: Tensor, key: Tensor, value: Tensor, mask: Tensor | N
     q = (query * (scale or D ** -0.5)).to(dtype).reshape(B, kv, H // kv * Lq, D)
     scores = torch.matmul(q, key.to(dtype).transpose(-1, -2)).view(B, kv, H // kv, Lq, Lk)
     if mask is None and causal and Lq > 1:
-        mask = torch.ones(Lq, Lk, dtype=torch.bool, device=query.device).tril()
-    if mask is not None:
-        while mask.dim() < 4:
-            mask = mask[None]
+        mask = torch.ones(1, 1, Lq, Lk, dtype=torch.bool, device=query.device).tril()
+    if mask is not None:  # [B or 1, 1, 1, Lq, Lk] against the scores' [B, KV, H/KV, Lq, Lk]
         scores = scores.masked_fill(~mask[:, :, None], torch.finfo(dtype).min)
     probs = torch.softmax(scores, -1).view(B, kv, H // kv * Lq, Lk)
     out = torch.matmul(probs, value.to(dtype)).view(B, kv, H // kv, Lq, D)
@@ -79,7 +77,7 @@ def sdpa(module: torch.nn.Module, query: Tensor, key: Tensor, value: Tensor,
         with torch.autocast("cpu", enabled=False):
             out = matmul_attention(query, key, value, attention_mask, kwargs.get("scaling"),
                                    dtype, causal=causal)
-        return out.to(torch.get_autocast_dtype("cpu") if autocast else query.dtype), None
+        return out.to(dtype if autocast else query.dtype), None
     if autocast:
         # (queries and keys may arrive in float32 already: rotary embeddings upcast them)
         with torch.autocast("cpu", enabled=False):

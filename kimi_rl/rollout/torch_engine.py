@@ -110,7 +110,7 @@ class TorchEngine:
                  seed: int = 0, max_batch_size: int = 512):
         self.model = model.eval()
         # decode steps read a float32 cache in a low-precision model on CPU (_BufferedLayer);
-        # the attention then must be ours, which takes mixed dtypes (decode_attention)
+        # the attention then must be ours, which takes mixed dtypes (matmul_attention)
         self.kv_dtype = None
         if use_sdpa(model) and model.dtype in LOW_PRECISION and model.device.type == "cpu":
             self.kv_dtype = torch.float32

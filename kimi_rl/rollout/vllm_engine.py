@@ -183,6 +183,15 @@ def check_model_dir(path: Path, tokenizer: PreTrainedTokenizerBase, vocab_size: 
                              f"{engine!r} in the engine, {ours!r} in the trainer")
 
 
+def max_positions(config) -> int:
+    """The longest sequence a transformers config allows (what vLLM's max_model_len
+    defaults to), at least 4096."""
+    config = getattr(config, "text_config", config)
+    keys = ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length",
+            "max_sequence_length")
+    return max([int(getattr(config, k, 0) or 0) for k in keys] + [4096])
+
+
 class VllmEngine:
     """Generates with vLLM in this process; weights come from the policy
     (`update_weights` with `export_weights()`)."""
@@ -210,7 +219,7 @@ class VllmEngine:
             path = write_model_dir(model, tokenizer, self._tmp)
         self.model_dir = path
         check_model_dir(path, tokenizer, model.config.vocab_size)
-        self.llm = self._start(path, seed)
+        self.llm = self._start(path, seed, model.config)
         self.llm.collective_rpc("kimi_tempered_logprobs")
         self._asleep = False
         self._calls = 0
@@ -219,7 +228,7 @@ class VllmEngine:
         if model_path:  # the engine read the directory; the policy may differ (dtype, edits)
             self.update_weights(model.state_dict().items())
 
-    def _start(self, path: Path, seed: int):
+    def _start(self, path: Path, seed: int, config):
         cfg = self.cfg
         cuda = torch.cuda.is_available()
         if not cuda:
@@ -242,16 +251,16 @@ class VllmEngine:
         )
         if cfg.kv_cache_bytes:
             kwargs["kv_cache_memory_bytes"] = cfg.kv_cache_bytes
-        if cfg.max_num_batched_tokens:
-            kwargs["max_num_batched_tokens"] = cfg.max_num_batched_tokens
+        budget = cfg.max_num_batched_tokens
         if not cuda:
             # a prompt split over engine steps (chunked prefill) makes vLLM rewind the
             # request's seeded generator, which a CPU generator cannot do ("CPU Generator
             # does not use offset", once a batch's prompts pass one step's token budget):
             # on CPU whole prompts only, and a step budget that holds the longest
             kwargs["enable_chunked_prefill"] = False
-            kwargs["max_num_batched_tokens"] = max(cfg.max_num_batched_tokens or 4096,
-                                                   self._max_model_len(path))
+            budget = max(budget or 4096, cfg.max_model_len or max_positions(config))
+        if budget:
+            kwargs["max_num_batched_tokens"] = budget
         if cfg.external_launcher:
             kwargs["distributed_executor_backend"] = "external_launcher"
         set_threads = torch.set_num_threads  # the CPU worker replaces it with a no-op
@@ -263,18 +272,6 @@ class VllmEngine:
                                f"{type(e).__name__}: {e}") from e
         finally:
             torch.set_num_threads = set_threads
-
-    def _max_model_len(self, path: Path) -> int:
-        """rollout.vllm.max_model_len, or what vLLM takes from the model's config."""
-        if self.cfg.max_model_len:
-            return int(self.cfg.max_model_len)
-        from transformers import AutoConfig
-
-        config = AutoConfig.from_pretrained(path)
-        config = getattr(config, "text_config", config)
-        keys = ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length",
-                "max_sequence_length")
-        return max([int(getattr(config, k, 0) or 0) for k in keys] + [4096])
 
     # ---- generation -------------------------------------------------------------------
 
