@@ -106,8 +106,10 @@ def train(cfg: TrainConfig, run_dir: str | Path, preempt: Preemption | None = No
     log.print(f"run directory: {run_dir}")
 
     def stop_if_requested(where: str) -> None:
-        if not distributed.agree_stop(preempt):
-            return
+        if distributed.agree_stop(preempt):
+            stop(where)
+
+    def stop(where: str) -> None:
         preempt.done()
         log.close()
         resume = (f"resume={run_dir} continues it"
@@ -163,7 +165,8 @@ def train(cfg: TrainConfig, run_dir: str | Path, preempt: Preemption | None = No
                 "sampler": sampler.state_dict(), "rollouts": rollouts.state_dict(),
                 "rng": checkpoint.rng_state(),
                 "summary": summary, "config": OmegaConf.to_container(cfg)}, policy)
-        stop_if_requested(f"after iteration {it + 1} (checkpoint iter_{it + 1:06d}.pt)")
+        if stopping:  # decided once, above: a signal arriving after the save waits an iteration
+            stop(f"after iteration {it + 1} (checkpoint iter_{it + 1:06d}.pt)")
 
     stop_if_requested(f"after iteration {cfg.iterations}, before the final evaluation")
     if cfg.eval.after:

@@ -16,12 +16,13 @@ from test_loop import (  # noqa: F401 (fixture below)
     RESUMABLE,
     cli,
     cli_run,
+    compose,
     final_weights,
     straight,  # noqa: F401
 )
 
-from kimi_rl import checkpoint
-from kimi_rl.preemption import Preemption
+from kimi_rl import checkpoint, distributed, loop
+from kimi_rl.preemption import Preempted, Preemption
 
 
 def wait_for(proc: subprocess.Popen, text: str, timeout: float = 180) -> str:
@@ -106,3 +107,40 @@ def test_signal_during_sft_exits_without_a_checkpoint(tmp_path):
     assert "stopped on SIGTERM during the SFT cold start" in out
     assert "no checkpoint yet" in out
     assert not (run_dir / "checkpoints" / "latest").exists()
+
+
+@pytest.mark.slow
+def test_a_signal_just_after_the_stop_decision_waits_for_the_next_checkpoint(
+        tmp_path, monkeypatch):
+    """The signal lands right after an iteration has decided not to stop (and so not to
+    checkpoint): the run goes on to the next iteration and stops there with its checkpoint,
+    never "after iteration n" without iter_n saved."""
+    state = {"in_rl": False, "sent": False}
+    rl_iteration, agree_stop = loop.rl_iteration, distributed.agree_stop
+
+    def iteration(*args, **kwargs):
+        out = rl_iteration(*args, **kwargs)
+        state["in_rl"] = True
+        return out
+
+    def agree(preempt):
+        decided = agree_stop(preempt)
+        if state["in_rl"] and not state["sent"]:
+            state["sent"] = True
+            os.kill(os.getpid(), signal.SIGUSR1)  # handled before this returns
+            assert preempt.requested
+        return decided
+
+    monkeypatch.setattr(loop, "rl_iteration", iteration)
+    monkeypatch.setattr(distributed, "agree_stop", agree)
+    run_dir = tmp_path / "run"
+    cfg = compose(RESUMABLE + [f"run_dir={run_dir}", "eval.after=false"])
+    with pytest.raises(Preempted) as stopped:
+        with Preemption(["SIGUSR1"], grace_seconds=120, exit_code=75) as preempt:
+            loop.train(cfg, run_dir, preempt)
+    assert state["sent"]
+    message = str(stopped.value)
+    assert "after iteration 2 (checkpoint iter_000002.pt)" in message, message
+    assert f"resume={run_dir} continues it" in message
+    assert checkpoint.latest(run_dir).name == "iter_000002.pt"
+    assert checkpoint.load(checkpoint.latest(run_dir))["iteration"] == 2
