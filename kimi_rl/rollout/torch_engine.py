@@ -14,6 +14,7 @@ from transformers.cache_utils import DynamicLayer
 from ..policy.attention import LOW_PRECISION, use_sdpa
 from ..rewards.repetition import RepeatTracker
 from .engine import Request, SamplingParams, Segment
+from .llama_decode import LlamaDecoder, supports
 
 # contexts prefilled in one padded batch are at least this fraction of its longest, or
 # at most this many tokens shorter (a forward pass per bucket costs more than that padding)
@@ -114,6 +115,9 @@ class TorchEngine:
         self.kv_dtype = None
         if use_sdpa(model) and model.dtype in LOW_PRECISION and model.device.type == "cpu":
             self.kv_dtype = torch.float32
+        # decode steps of Llama-family models written out (llama_decode.py); prefill and
+        # other models go through the model's forward
+        self.decoder = LlamaDecoder(model) if supports(model) else None
         self.eos, self.pad = eos_token_id, pad_token_id
         self.max_batch_size = max_batch_size
         self.generator = torch.Generator().manual_seed(seed)
@@ -195,8 +199,7 @@ class TorchEngine:
                 cache.batch_select_indices(keep.nonzero()[:, 0])
                 active, tok, mask, next_pos = active[keep], tok[keep], mask[keep], next_pos[keep]
             mask = torch.cat([mask, torch.ones((len(active), 1), dtype=torch.long)], dim=1)
-            logits = self._logits(input_ids=tok[:, None], attention_mask=mask,
-                                  position_ids=next_pos[:, None], past_key_values=cache)
+            logits = self._decode(tok, next_pos, mask, cache)
             next_pos = next_pos + 1
             if new:  # join the running rows, aligned on the right like them
                 mask, new_logits, new_mask = self._admit(cache, mask, [ctx[i] for i in new])
@@ -209,13 +212,25 @@ class TorchEngine:
         ]
 
     def _logits(self, **inputs) -> Tensor:
-        """Logits at each row's last position. The output layer is applied as the policy
-        backends apply it (hidden @ weight.T, no bias), computed as (weight @ hidden.T).T:
-        the same product, but with the vocabulary as the long side MKL runs it ~2x faster
-        at decode batch sizes (a 49K x 576 float32 head: ~40 ms a step otherwise)."""
-        hidden = self.model.base_model(**inputs, use_cache=True).last_hidden_state[:, -1]
-        weight = self.model.get_output_embeddings().weight
-        return (weight @ hidden.T).T
+        """Logits at each row's last position, through the model's forward."""
+        return self._head(self.model.base_model(**inputs, use_cache=True)
+                          .last_hidden_state[:, -1])
+
+    def _decode(self, tok: Tensor, pos: Tensor, mask: Tensor, cache: DynamicCache) -> Tensor:
+        """Logits of one new token per row (`tok` at positions `pos`, `mask` the rows'
+        attention masks including it), appended to `cache`."""
+        if self.decoder is None:
+            return self._logits(input_ids=tok[:, None], attention_mask=mask,
+                                position_ids=pos[:, None], past_key_values=cache)
+        return self._head(self.decoder.hidden(tok, pos, None if bool(mask.all()) else mask,
+                                              cache))
+
+    def _head(self, hidden: Tensor) -> Tensor:
+        """The output layer as the policy backends apply it (hidden @ weight.T, no bias),
+        computed as (weight @ hidden.T).T: the same product, but with the vocabulary as the
+        long side MKL runs it ~2x faster at decode batch sizes (a 49K x 576 float32 head:
+        ~40 ms a step otherwise)."""
+        return (self.model.get_output_embeddings().weight @ hidden.T).T
 
     @staticmethod
     def _refill_at(max_running: int) -> int:
