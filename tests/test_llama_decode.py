@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
@@ -32,7 +33,8 @@ def decode_both(engine: TorchEngine, ctx: list[list[int]], steps: int):
         with torch.no_grad():
             logits = engine._logits(input_ids=tok[:, None], attention_mask=mask,
                                     position_ids=pos[:, None], past_key_values=ref_cache)
-            got = engine._head(engine.decoder.hidden(tok, pos, mask, cache))
+            got = engine._head(engine.decoder.hidden(tok, pos, mask, cache,
+                                                     whole=engine.whole_kv))
         pos = pos + 1
         yield logits, got, ref_cache, cache
 
@@ -41,12 +43,14 @@ def decode_both(engine: TorchEngine, ctx: list[list[int]], steps: int):
 @pytest.mark.parametrize("kv_heads", [4, 2])
 def test_decode_steps_equal_the_models_forward(make_model, tokenizer, dtype, kv_heads):
     """Left-padded rows of different lengths, grouped-query attention (4 query heads on 2
-    KV heads), float32 and bfloat16 engines: each step's logits and the cache it leaves."""
+    KV heads), float32 and bfloat16 engines: each step's logits and the cache it leaves.
+    The bfloat16 engine attends over whole buffers that grow KV_CHUNK positions at a time
+    (20 steps: past a growth)."""
     model = make_model(seed=1, std=0.2, num_heads=4, num_kv_heads=kv_heads).to(dtype)
     engine = engine_for(model, tokenizer)
-    assert engine.decoder is not None
+    assert engine.decoder is not None and engine.whole_kv == (dtype == torch.bfloat16)
     ctx = prompts(len(tokenizer), seed=2)
-    for ref, got, ref_cache, cache in decode_both(engine, ctx, 6):
+    for ref, got, ref_cache, cache in decode_both(engine, ctx, 20):
         torch.testing.assert_close(got.float(), ref.float(), atol=TOLERANCE[dtype], rtol=0)
         for a, b in zip(ref_cache.layers, cache.layers, strict=True):
             assert a.keys.shape == b.keys.shape
@@ -87,11 +91,26 @@ def test_rope_scaling_comes_from_the_models_rotary_module(tokenizer):
 
 
 def test_unsupported_models_use_the_models_forward(tokenizer):
+    """Decode steps through the model's forward (the cache-free greedy tokens); in
+    bfloat16 with a float32 cache."""
     model = llama(attention_bias=True)
     assert not supports(model)
-    assert TorchEngine(model, -1, tokenizer.pad_token_id).decoder is None
     with pytest.raises(ValueError, match="unsupported"):
         LlamaDecoder(model)
+    engine = TorchEngine(copy.deepcopy(model), -1, tokenizer.pad_token_id)
+    assert engine.decoder is None and engine.kv_dtype is None and not engine.whole_kv
+    ps = prompts(48, seed=7)
+    segs = engine.generate([Request(p) for p in ps], 5, SamplingParams(greedy=True))
+    for p, seg in zip(ps, segs, strict=True):
+        ids = list(p)
+        for _ in range(5):
+            with torch.no_grad():
+                ids.append(int(model(input_ids=torch.tensor([ids])).logits[0, -1].argmax()))
+        assert seg.tokens == ids[len(p):]
+    low = TorchEngine(copy.deepcopy(model).to(torch.bfloat16), -1, tokenizer.pad_token_id)
+    assert low.decoder is None and low.kv_dtype == torch.float32 and not low.whole_kv
+    segs = low.generate([Request(p) for p in ps], 5, SamplingParams(greedy=True))
+    assert all(len(s.tokens) == 5 and all(math.isfinite(x) for x in s.logprobs) for s in segs)
 
 
 def test_weights_fused_in_place_and_refused_when_replaced(make_model, tokenizer):

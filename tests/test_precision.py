@@ -225,14 +225,15 @@ def test_attention_under_autocast(monkeypatch):
 
 
 def test_engine_dtypes_keep_their_cache(make_model, tokenizer):
-    """Only a low-precision engine gets the float32 KV cache; float64 and float32 engines
-    keep their own dtype and decode the same greedy tokens."""
+    """float64 and float32 engines keep their own dtype and decode the same greedy tokens;
+    a bfloat16 engine attends over its whole bfloat16 buffers (the written-out Llama
+    decode step; with the model's forward, a float32 cache: tests/test_llama_decode.py)."""
     model = make_model(seed=1, std=0.1, num_heads=4, num_kv_heads=2, hidden_size=64)
     ps = prompts(len(tokenizer))
     out = {}
     for dt in (torch.float64, torch.float32, torch.bfloat16):
         engine = TorchEngine(copy.deepcopy(model).to(dt), -1, tokenizer.pad_token_id)
-        assert engine.kv_dtype == (torch.float32 if dt == torch.bfloat16 else None)
+        assert engine.kv_dtype is None and engine.whole_kv == (dt == torch.bfloat16)
         out[dt] = [s.tokens for s in engine.generate([Request(p) for p in ps], 6,
                                                      SamplingParams(greedy=True))]
     assert out[torch.float64] == out[torch.float32]

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from transformers import PreTrainedModel
 
-from ..policy.attention import sdpa
+from ..policy.attention import matmul_attention, sdpa
 
 
 def supports(model: PreTrainedModel) -> bool:
@@ -73,11 +73,14 @@ class LlamaDecoder:
         return fused[0]
 
     def hidden(self, tokens: Tensor, positions: Tensor, attention_mask: Tensor | None,
-               cache) -> Tensor:
+               cache, whole: bool = False) -> Tensor:
         """Final hidden states [B, hidden] of one new token per row: `tokens` and
         `positions` [B], `attention_mask` [B, L] (1 for the cached and new positions a row
         attends, None for all), `cache` a transformers cache whose layer i takes the new
-        keys and values (`cache.layers[i].update`) and returns the row's whole K and V."""
+        keys and values (`cache.layers[i].update`) and returns the rows' K and V so far.
+        `whole`: attend over the cache layers' whole buffers instead (`layer.whole()`: K
+        and V with zeros past the filled positions, which the mask then hides), in the
+        cache's dtype (the torch engine's bfloat16 cache on CPU)."""
         base = self.model.model
         H, KV, D = self.heads, self.kv_heads, self.head_dim
         x = base.embed_tokens(tokens[:, None])  # [B, 1, hidden]
@@ -89,6 +92,7 @@ class LlamaDecoder:
         mask = None
         if attention_mask is not None:
             mask = attention_mask.bool()[:, None, None, :]
+        whole_mask = None  # [B, 1, 1, capacity], for every layer (their buffers grow together)
         for i, layer in enumerate(base.layers):
             attn, mlp = layer.self_attn, layer.mlp
             h = _rms_norm(x, layer.input_layernorm)
@@ -100,7 +104,14 @@ class LlamaDecoder:
             k = qk[:, :, H:].transpose(1, 2)
             v = qkv[..., (H + KV) * D:].view(B, 1, KV, D).transpose(1, 2)
             keys, values = cache.layers[i].update(k, v)
-            out, _ = sdpa(attn, q, keys, values, mask, dropout=0.0, scaling=attn.scaling)
+            if whole:
+                keys, values, n = cache.layers[i].whole()
+                if whole_mask is None or whole_mask.shape[-1] != keys.shape[2]:
+                    whole_mask = torch.zeros((B, 1, 1, keys.shape[2]), dtype=torch.bool)
+                    whole_mask[..., :n] = True if mask is None else mask
+                out = matmul_attention(q, keys, values, whole_mask, attn.scaling, keys.dtype)
+            else:
+                out, _ = sdpa(attn, q, keys, values, mask, dropout=0.0, scaling=attn.scaling)
             x = x + attn.o_proj(out.reshape(B, 1, H * D))
             h = _rms_norm(x, layer.post_attention_layernorm)
             gate_up = F.linear(h, self._weight(i, "gate_up", (mlp.gate_proj, mlp.up_proj)))

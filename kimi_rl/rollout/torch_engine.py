@@ -22,6 +22,8 @@ PREFILL_BUCKET_RATIO = 0.8
 PREFILL_BUCKET_SLACK = 16
 # queued requests start once this share of the running rows (at least one) has ended
 REFILL_FRACTION = 0.125
+# positions a whole-buffer cache (TorchEngine.whole_kv) grows by at a time
+KV_CHUNK = 16
 
 
 def sample_tokens(logits: Tensor, params: SamplingParams, generator: torch.Generator
@@ -54,11 +56,15 @@ class _BufferedLayer(DynamicLayer):
     positions: a decode step writes its token in place, where transformers' DynamicLayer
     concatenates (copies the whole cache of every layer at every step). `keys` and `values`
     read as views of the filled part; assigning one (prefill, admitting rows, dropping
-    rows) copies it into a fresh buffer with the same headroom. `dtype`: the buffers' dtype
-    (None: the model's). A bfloat16 engine keeps float32 buffers: torch's bfloat16 batched
-    matmul copies a view of a longer buffer into a contiguous tensor first (the whole cache
-    of a layer at every decode step, 3x the attention's own cost), its float32 one
-    reads the view in place."""
+    rows) copies it into a fresh buffer with the same headroom, zero-filled. `dtype`: the
+    buffers' dtype (None: the model's).
+
+    torch's bfloat16 batched matmul on CPU copies a view of a longer buffer into a
+    contiguous tensor first (the whole cache of a layer at every decode step, 3x the
+    attention's own cost); its float32 one reads the view in place. A bfloat16 engine
+    therefore either keeps float32 buffers (attention through the model's forward), or
+    attends over the whole bfloat16 buffer (`whole`), its unfilled positions masked: with a
+    few positions of headroom at a time (KV_CHUNK) that reads about half the bytes."""
 
     def __init__(self, reserve: int, dtype: torch.dtype | None = None):
         self.reserve = max(int(reserve), 1)
@@ -78,6 +84,7 @@ class _BufferedLayer(DynamicLayer):
         buf = t.new_empty((*t.shape[:2], t.shape[2] + self.reserve, *t.shape[3:]),
                           dtype=self.store_dtype or t.dtype)
         buf[:, :, :t.shape[2]] = t
+        buf[:, :, t.shape[2]:] = 0  # a masked position's weight 0 times its value: 0, not NaN
         self._buf[name], self._len[name] = buf, t.shape[2]
 
     keys = property(lambda self: self._get("keys"), lambda self, t: self._set("keys", t))
@@ -103,6 +110,11 @@ class _BufferedLayer(DynamicLayer):
             self._len[name] = end
         return self.keys, self.values
 
+    def whole(self) -> tuple[Tensor, Tensor, int]:
+        """The key and value buffers, [B, KV, capacity, D] (contiguous), and the number of
+        filled positions; the rest are zeros."""
+        return self._buf["keys"], self._buf["values"], self._len["keys"]
+
 
 class TorchEngine:
     """Generates with its own copy of the policy weights (refreshed by update_weights)."""
@@ -110,14 +122,15 @@ class TorchEngine:
     def __init__(self, model: PreTrainedModel, eos_token_id: int, pad_token_id: int,
                  seed: int = 0, max_batch_size: int = 512):
         self.model = model.eval()
-        # decode steps read a float32 cache in a low-precision model on CPU (_BufferedLayer);
-        # the attention then must be ours, which takes mixed dtypes (matmul_attention)
-        self.kv_dtype = None
-        if use_sdpa(model) and model.dtype in LOW_PRECISION and model.device.type == "cpu":
-            self.kv_dtype = torch.float32
         # decode steps of Llama-family models written out (llama_decode.py); prefill and
         # other models go through the model's forward
         self.decoder = LlamaDecoder(model) if supports(model) else None
+        # a low-precision model on CPU (_BufferedLayer): the written-out decode step attends
+        # over whole buffers in the model's dtype; the model's forward reads a float32 cache
+        # (our attention, matmul_attention, takes the mixed dtypes)
+        low = use_sdpa(model) and model.dtype in LOW_PRECISION and model.device.type == "cpu"
+        self.whole_kv = low and self.decoder is not None
+        self.kv_dtype = torch.float32 if low and not self.whole_kv else None
         self.eos, self.pad = eos_token_id, pad_token_id
         self.max_batch_size = max_batch_size
         self.generator = torch.Generator().manual_seed(seed)
@@ -223,7 +236,7 @@ class TorchEngine:
             return self._logits(input_ids=tok[:, None], attention_mask=mask,
                                 position_ids=pos[:, None], past_key_values=cache)
         return self._head(self.decoder.hidden(tok, pos, None if bool(mask.all()) else mask,
-                                              cache))
+                                              cache, whole=self.whole_kv))
 
     def _head(self, hidden: Tensor) -> Tensor:
         """The output layer as the policy backends apply it (hidden @ weight.T, no bias),
@@ -261,6 +274,7 @@ class TorchEngine:
         attention mask of left-padded contexts."""
         keys, values, logits, mask = self._prefill_kv(ctx)
         cache = DynamicCache()
+        reserve = min(reserve, KV_CHUNK) if self.whole_kv else reserve
         cache.layers = [_BufferedLayer(reserve, self.kv_dtype) for _ in keys]
         for layer, (k, v) in enumerate(zip(keys, values, strict=True)):
             cache.update(k, v, layer)
