@@ -49,7 +49,10 @@ def matmul_attention(query: Tensor, key: Tensor, value: Tensor, mask: Tensor | N
         mask = torch.ones(1, 1, Lq, Lk, dtype=torch.bool, device=query.device).tril()
     if mask is not None:  # [B or 1, 1, 1, Lq, Lk] against the scores' [B, KV, H/KV, Lq, Lk]
         scores = scores.masked_fill(~mask[:, :, None], torch.finfo(dtype).min)
-    probs = torch.softmax(scores, -1).view(B, kv, H // kv * Lq, Lk)
+    # float32 out, then rounded: a bfloat16 softmax's values (to the last bit, nearly
+    # always), which torch's CPU kernel for bfloat16 out computes ~1.5x slower
+    probs = (torch.softmax(scores, -1, dtype=torch.float32).to(dtype) if dtype in LOW_PRECISION
+             else torch.softmax(scores, -1)).view(B, kv, H // kv * Lq, Lk)
     out = torch.matmul(probs, value.to(dtype)).view(B, kv, H // kv, Lq, D)
     return out.permute(0, 3, 1, 2, 4).reshape(B, Lq, H, D)
 
