@@ -138,7 +138,11 @@ def test_autocast_train_step_follows_float32(make_model, tokenizer):
     for ac in (None, "bfloat16"):
         m = copy.deepcopy(model)
         policy = _policy(m, ac)
+        rotary = []  # under autocast, queries and keys rotate in bfloat16
+        m.model.rotary_emb.register_forward_hook(lambda mod, a, out: rotary.append(out))
         lp = torch.cat([policy.logprobs(b)[0] for b in batches])
+        want = torch.bfloat16 if ac else torch.float32
+        assert rotary and all(t.dtype == want for out in rotary for t in out)
         before = {n: p.detach().clone() for n, p in m.named_parameters()}
         policy.train_step(batches, loss_fn)
         grads = torch.cat([p.grad.flatten() for p in m.parameters()])
