@@ -11,7 +11,9 @@ transformers' modules, mask construction and cache bookkeeping, not to arithmeti
 - the rotary embedding is applied to queries and keys together, its sine and cosine
   computed once per step for every layer (by the model's own rotary module, so any rope
   scaling it implements applies);
-- the attention is kimi-rl's (`policy/attention.py`), as in the model's forward.
+- the attention is kimi-rl's (`policy/attention.py`), as in the model's forward; with
+  `whole` (the torch engine's bfloat16 cache on CPU) it reads each layer's whole, contiguous
+  cache buffers, the unfilled positions (zeros) masked, which adds exact zeros.
 
 Values follow the model's forward operation by operation (dtypes, rounding points), so the
 logits are the same as its forward up to the summation order of the fused matmuls.
