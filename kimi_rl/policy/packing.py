@@ -1,8 +1,7 @@
 """Packed batches: sequences placed end to end in rows, no padding per sequence.
 
-Rows are filled first-fit-decreasing up to the longest unit (or `row_tokens` if larger), so
-only each row's tail is padding; a micro-batch's rows have the length of its fullest row
-(the micro-batches of the shorter units are shorter). Position ids restart at 0 for
+Rows have a common length (the longest unit, or `row_tokens` if larger) and are filled
+first-fit-decreasing, so only each row's tail is padding. Position ids restart at 0 for
 each sequence, and transformers restricts attention to each sequence from them (the
 block-diagonal mask), so a row costs row_len^2 attention, not (all tokens)^2.
 
@@ -133,13 +132,12 @@ def pack(
     units = _units(prompts, responses, share_prompts)
     lengths = [len(prompts[u[0]]) + sum(len(responses[i]) for i in u) for u in units]
     shared = any(len(u) > 1 for u in units)
-    capacity = max(max(lengths), row_tokens)
-    rows = _rows(lengths, capacity)
-    per_batch = max(1, max_tokens // capacity)
+    row_len = max(max(lengths), row_tokens)
+    rows = _rows(lengths, row_len)
+    per_batch = max(1, max_tokens // row_len)
     batches = []
     for b in range(0, len(rows), per_batch):
         batch_rows = rows[b:b + per_batch]
-        row_len = max(sum(lengths[u] for u in row) for row in batch_rows)
         ids = torch.full((len(batch_rows), row_len), pad_id, dtype=torch.long)
         pos = torch.zeros((len(batch_rows), row_len), dtype=torch.long)
         # per slot: its unit (pads: a unit each) and branch (0: the prompt, j: response j)
