@@ -97,7 +97,7 @@ class LlamaDecoder:
         whole_mask = None  # [B, 1, 1, capacity], for every layer (their buffers grow together)
         for i, layer in enumerate(base.layers):
             attn, mlp = layer.self_attn, layer.mlp
-            h = _rms_norm(x, layer.input_layernorm)
+            h = layer.input_layernorm(x)
             qkv = F.linear(h, self._weight(i, "qkv", (attn.q_proj, attn.k_proj, attn.v_proj)))
             qk = qkv[..., :(H + KV) * D].view(B, 1, H + KV, D)
             # rotary: x cos + rotate_half(x) sin, rotate_half(x) = [-x2, x1]
@@ -106,7 +106,7 @@ class LlamaDecoder:
             k = qk[:, :, H:].transpose(1, 2)
             v = qkv[..., (H + KV) * D:].view(B, 1, KV, D).transpose(1, 2)
             keys, values = cache.layers[i].update(k, v)
-            if whole:
+            if whole:  # the same positions, read through the whole buffers
                 keys, values, n = cache.layers[i].whole()
                 if whole_mask is None or whole_mask.shape[-1] != keys.shape[2]:
                     whole_mask = torch.zeros((B, 1, 1, keys.shape[2]), dtype=torch.bool)
@@ -115,15 +115,9 @@ class LlamaDecoder:
             else:
                 out, _ = sdpa(attn, q, keys, values, mask, dropout=0.0, scaling=attn.scaling)
             x = x + attn.o_proj(out.reshape(B, 1, H * D))
-            h = _rms_norm(x, layer.post_attention_layernorm)
+            h = layer.post_attention_layernorm(x)
             gate_up = F.linear(h, self._weight(i, "gate_up", (mlp.gate_proj, mlp.up_proj)))
             gate, up = gate_up.chunk(2, dim=-1)
             x = x + mlp.down_proj(F.silu(gate) * up)
-        return _rms_norm(x, base.norm)[:, 0]
+        return base.norm(x)[:, 0]
 
-
-def _rms_norm(x: Tensor, norm) -> Tensor:
-    """LlamaRMSNorm's forward, operation by operation."""
-    h = x.float()
-    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + norm.variance_epsilon)
-    return norm.weight * h.to(x.dtype)
