@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import random
 from collections.abc import Callable
 
@@ -78,3 +79,14 @@ def mixed_samples() -> Callable[[], list[Sample]]:
         return out
 
     return make
+
+
+def chi_square_bound(df: int, z: float = 4.5) -> float:
+    """Wilson-Hilferty approximation of the chi-square quantile at standard-normal z."""
+    a = 2.0 / (9.0 * df)
+    return df * (1.0 - a + z * math.sqrt(a)) ** 3
+
+
+def chi_square(counts: torch.Tensor, probs: torch.Tensor) -> float:
+    expected = probs * counts.sum()
+    return float(((counts - expected) ** 2 / expected).sum())

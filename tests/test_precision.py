@@ -139,7 +139,7 @@ def test_autocast_train_step_follows_float32(make_model, tokenizer):
         m = copy.deepcopy(model)
         policy = _policy(m, ac)
         rotary = []  # under autocast, queries and keys rotate in bfloat16
-        m.model.rotary_emb.register_forward_hook(lambda mod, a, out: rotary.append(out))
+        m.model.rotary_emb.register_forward_hook(lambda mod, a, out, r=rotary: r.append(out))
         lp = torch.cat([policy.logprobs(b)[0] for b in batches])
         want = torch.bfloat16 if ac else torch.float32
         assert rotary and all(t.dtype == want for out in rotary for t in out)

@@ -8,12 +8,13 @@ import random
 
 import pytest
 import torch
+from conftest import chi_square, chi_square_bound
 
 from kimi_rl.config import AlgoConfig, BackendConfig
 from kimi_rl.policy.hf import HFPolicy
 from kimi_rl.policy.packing import pack
 from kimi_rl.rollout.engine import Request, SamplingParams, Segment
-from kimi_rl.rollout.torch_engine import TorchEngine, sample_tokens
+from kimi_rl.rollout.torch_engine import TorchEngine, inverse_cdf, sample_tokens
 
 FIRST_REAL = 4
 PROMPT_LENGTHS = (3, 7, 1, 5, 9, 2, 6, 4)
@@ -206,15 +207,25 @@ def test_tiny_top_p_samples_the_argmax(make_model, tokenizer):
     assert [s.tokens for s in hot] != [s.tokens for s in greedy]
 
 
-def chi_square_bound(df: int, z: float = 4.5) -> float:
-    """Wilson-Hilferty approximation of the chi-square quantile at standard-normal z."""
-    a = 2.0 / (9.0 * df)
-    return df * (1.0 - a + z * math.sqrt(a)) ** 3
-
-
-def chi_square(counts: torch.Tensor, probs: torch.Tensor) -> float:
-    expected = probs * counts.sum()
-    return float(((counts - expected) ** 2 / expected).sum())
+def test_inverse_cdf_against_a_running_sum():
+    """Each row's draw is the first index whose exact running sum (math.fsum) exceeds u x
+    the row total; zero weights are never drawn, u = 0 gives the first positive weight,
+    u just below 1 the last."""
+    gen = torch.Generator().manual_seed(3)
+    probs = torch.rand(40, 50, generator=gen) ** 4
+    probs[probs < 0.05] = 0.0  # many zeros, some at the ends of rows
+    probs[0, :7] = 0.0
+    probs[1, -9:] = 0.0
+    u = torch.rand(40, generator=gen, dtype=torch.float64)
+    u[0], u[1] = 0.0, 1.0 - 2.0**-53
+    tok = inverse_cdf(probs, u)
+    for i in range(40):
+        w = probs[i].double().tolist()
+        target = float(u[i]) * math.fsum(w)
+        ref = next(j for j in range(50) if math.fsum(w[:j + 1]) > target)
+        assert tok[i] == ref and w[ref] > 0
+    assert tok[0] == 7 and probs[0, 7] > 0
+    assert tok[1] == int(probs[1].nonzero().max())
 
 
 LOGITS = torch.tensor([2.0, 1.0, 0.5, 0.0, -0.5, -1.0, 1.5, 0.2])

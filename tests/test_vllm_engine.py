@@ -13,7 +13,7 @@ import shutil
 
 import pytest
 import torch
-from conftest import build_model
+from conftest import build_model, chi_square, chi_square_bound
 
 from kimi_rl.config import AlgoConfig, BackendConfig, VllmConfig
 from kimi_rl.data.problems import Problem
@@ -157,6 +157,43 @@ def test_seeded_runs_reproduce(tied, tok):
     assert [s.tokens for s in c] != [s.tokens for s in d]
 
 
+@pytest.mark.parametrize("top_p", [1.0, 0.8])
+def test_sampled_tokens_follow_the_models_distribution(tied, tied_model, tok, top_p):
+    """First tokens of 2000 seeded requests against softmax(logits / T) of a float32
+    forward (top-p: renormalised over the nucleus, nothing drawn outside it), by a
+    chi-square test with expected counts of at least 5 per cell; the same counts reject
+    the distribution at another temperature. The engine samples on CPU by inverse CDF."""
+    assert all(tied.llm.collective_rpc(
+        lambda worker: worker.model_runner.sampler.topk_topp_sampler.kimi_inverse_cdf))
+    prompt = tok.encode("k7 q3 b9\n")
+    segs = tied.generate([Request(prompt)] * 2000, 1, SamplingParams(0.8, top_p=top_p, seed=3))
+    counts = torch.bincount(torch.tensor([s.tokens[0] for s in segs]),
+                            minlength=len(tok)).double()
+    with torch.no_grad():
+        logits = tied_model(input_ids=torch.tensor([prompt])).logits[0, -1].double()
+
+    def expected(temperature: float) -> torch.Tensor:
+        probs = torch.softmax(logits / temperature, -1)
+        if top_p < 1.0:
+            ranked, order = probs.sort(descending=True)
+            outside = order[ranked.cumsum(0) - ranked >= top_p]
+            assert counts[outside].sum() == 0, "drawn outside the nucleus"
+            probs[outside] = 0.0
+        return probs / probs.sum()
+
+    def statistic(probs: torch.Tensor) -> tuple[float, int]:
+        cells = probs * counts.sum() >= 5
+        c = torch.cat([counts[cells], counts[~cells].sum()[None]])
+        p = torch.cat([probs[cells], probs[~cells].sum()[None]])
+        keep = p > 0
+        return chi_square(c[keep], p[keep]), int(keep.sum()) - 1
+
+    stat, df = statistic(expected(0.8))
+    assert df >= 3 and stat < chi_square_bound(df)
+    wrong, df = statistic(expected(0.8 * 1.3))
+    assert wrong > chi_square_bound(df)
+
+
 def test_a_batch_beyond_one_engine_step(tied, tok):
     """More prompt tokens than vLLM schedules in one step on CPU (4096 by default): the
     run completes (vLLM splitting a prompt over steps would have to rewind its seeded CPU
@@ -230,9 +267,9 @@ def test_window_max_running_and_max_steps(tied, tok):
 def test_repeat_detection_stops_where_the_definition_does(tied, tok):
     spec = RepeatDetection(max_period=6, min_repeats=3, min_tokens=6)
     requests = [Request(r.prompt_ids, tok.encode("bbbbaaa")[1:]) for r in reqs(tok)] * 4
-    base = SamplingParams(temperature=0.6, seed=5)
+    base = SamplingParams(temperature=0.6, seed=6)
     free = tied.generate(requests, 40, base)
-    stopped = tied.generate(requests, 40, SamplingParams(temperature=0.6, seed=5, repeat=spec))
+    stopped = tied.generate(requests, 40, SamplingParams(temperature=0.6, seed=6, repeat=spec))
     n_repeat = 0
     for r, f, s in zip(requests, free, stopped, strict=True):
         cut = next((j + 1 for j in range(len(f.tokens)) if f.tokens[j] != tok.eos_token_id
