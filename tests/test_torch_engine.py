@@ -14,7 +14,7 @@ from kimi_rl.config import AlgoConfig, BackendConfig
 from kimi_rl.policy.hf import HFPolicy
 from kimi_rl.policy.packing import pack
 from kimi_rl.rollout.engine import Request, SamplingParams, Segment
-from kimi_rl.rollout.torch_engine import TorchEngine, inverse_cdf, sample_tokens
+from kimi_rl.rollout.torch_engine import CDF_BLOCK, TorchEngine, inverse_cdf, sample_tokens
 
 FIRST_REAL = 4
 PROMPT_LENGTHS = (3, 7, 1, 5, 9, 2, 6, 4)
@@ -207,25 +207,45 @@ def test_tiny_top_p_samples_the_argmax(make_model, tokenizer):
     assert [s.tokens for s in hot] != [s.tokens for s in greedy]
 
 
-def test_inverse_cdf_against_a_running_sum():
+@pytest.mark.parametrize("width", [50, 256, 1000])
+def test_inverse_cdf_against_a_running_sum(width):
     """Each row's draw is the first index whose exact running sum (math.fsum) exceeds u x
     the row total; zero weights are never drawn, u = 0 gives the first positive weight,
-    u just below 1 the last."""
-    gen = torch.Generator().manual_seed(3)
-    probs = torch.rand(40, 50, generator=gen) ** 4
+    u just below 1 the last positive one. Rows wider than CDF_BLOCK (two levels, block sums rounded in
+    float32) are compared where u x total is not within 1e-6 of a block boundary."""
+    gen = torch.Generator().manual_seed(width)
+    probs = torch.rand(60, width, generator=gen) ** 4
     probs[probs < 0.05] = 0.0  # many zeros, some at the ends of rows
-    probs[0, :7] = 0.0
-    probs[1, -9:] = 0.0
-    u = torch.rand(40, generator=gen, dtype=torch.float64)
+    probs[0, :7], probs[0, 7] = 0.0, 0.5
+    probs[1, -9:], probs[1, -10] = 0.0, 0.5
+    if width > 300:
+        probs[2:, 256:512] = 0.0  # a block of zeros
+        probs[3, 250:270] = 0.0  # zeros across a block boundary
+    u = torch.rand(60, generator=gen, dtype=torch.float64)
     u[0], u[1] = 0.0, 1.0 - 2.0**-53
+    if width > 300:
+        # row 4: its first block's float32 sum (1 + 2^-23) exceeds the exact one (1 + 0.75 x
+        # 2^-23) and u x total falls in between: the last positive entry of that block
+        probs[4] = 0.0
+        probs[4, [0, 1, 600]] = torch.tensor([1.0, 0.75 * 2.0**-23, 1.0])
+        u[4] = (1 + 2.0**-23 - 2.0**-30) / (2 + 2.0**-23)
     tok = inverse_cdf(probs, u)
-    for i in range(40):
+    compared = 0
+    for i in range(60):
         w = probs[i].double().tolist()
-        target = float(u[i]) * math.fsum(w)
-        ref = next(j for j in range(50) if math.fsum(w[:j + 1]) > target)
+        total = math.fsum(w)
+        target = float(u[i]) * total
+        if any(abs(math.fsum(w[:k]) - target) < 1e-6 * total
+               for k in range(CDF_BLOCK, width, CDF_BLOCK)):
+            continue
+        ref = next(j for j in range(width) if math.fsum(w[:j + 1]) > target)
         assert tok[i] == ref and w[ref] > 0
-    assert tok[0] == 7 and probs[0, 7] > 0
-    assert tok[1] == int(probs[1].nonzero().max())
+        compared += 1
+    assert compared >= 57
+    assert all(probs[i, tok[i]] > 0 for i in range(60))
+    assert tok[0] == 7 and tok[1] == width - 10
+    if width > 300:
+        assert tok[4] == 1
 
 
 LOGITS = torch.tensor([2.0, 1.0, 0.5, 0.0, -0.5, -1.0, 1.5, 0.2])
