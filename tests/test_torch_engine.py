@@ -211,8 +211,10 @@ def test_tiny_top_p_samples_the_argmax(make_model, tokenizer):
 def test_inverse_cdf_against_a_running_sum(width):
     """Each row's draw is the first index whose exact running sum (math.fsum) exceeds u x
     the row total; zero weights are never drawn, u = 0 gives the first positive weight,
-    u just below 1 the last positive one. Rows wider than CDF_BLOCK (two levels, block sums rounded in
-    float32) are compared where u x total is not within 1e-6 of a block boundary."""
+    u just below 1 the last positive one. Rows wider than CDF_BLOCK (two levels, block
+    sums rounded in float32) are compared where u x total is not within 1e-6 of a block
+    boundary; within the float32 rounding of a block's sum, that block's last positive
+    entry is drawn."""
     gen = torch.Generator().manual_seed(width)
     probs = torch.rand(60, width, generator=gen) ** 4
     probs[probs < 0.05] = 0.0  # many zeros, some at the ends of rows
