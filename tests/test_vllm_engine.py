@@ -194,6 +194,11 @@ def test_sampled_tokens_follow_the_models_distribution(tied, tied_model, tok, to
     assert wrong > chi_square_bound(df)
 
 
+def test_cpu_kv_cache_blocks_of_32_tokens(tied):
+    """vLLM's CPU default (128) shares no prompt shorter than a block between samples."""
+    assert tied.llm.llm_engine.vllm_config.cache_config.block_size == 32
+
+
 def test_a_batch_beyond_one_engine_step(tied, tok):
     """More prompt tokens than vLLM schedules in one step on CPU (4096 by default): the
     run completes (vLLM splitting a prompt over steps would have to rewind its seeded CPU

@@ -59,6 +59,9 @@ from .torch_engine import inverse_cdf
 # texts whose encodings must agree between the trainer's tokenizer and the engine's
 PROBES = ("Hello, world! 12 + 34 = 46\n", "a1 b2=7\nanswer 3", " \t<eos>x")
 _SAMPLING_EPS = 1e-5  # vLLM treats a temperature below this as greedy
+# KV-cache block on CPU (rollout.vllm.block_size): vLLM's CPU attention kernels take
+# multiples of 32; its default there, 128, pads the decode attention of shorter sequences
+CPU_BLOCK_SIZE = 32
 
 
 def bucket_names(sizes: Sequence[tuple[str, int]], max_bytes: int) -> list[list[str]]:
@@ -127,7 +130,8 @@ class WorkerExtension:
             t = temps[0]
             if t is not None and t.shape[0] == logits.shape[0]:
                 t = torch.where(t < _SAMPLING_EPS, torch.ones_like(t), t)
-                logits = logits.float() / t[:, None]
+                if not bool((t == 1.0).all()):  # two passes over the logits saved at T = 1
+                    logits = logits.float() / t[:, None]
             return compute(logits)
 
         sampler.forward = tempered_forward
@@ -284,6 +288,8 @@ class VllmEngine:
         )
         if cfg.kv_cache_bytes:
             kwargs["kv_cache_memory_bytes"] = cfg.kv_cache_bytes
+        if cfg.block_size or not cuda:
+            kwargs["block_size"] = cfg.block_size or CPU_BLOCK_SIZE
         budget = cfg.max_num_batched_tokens
         if not cuda:
             # a prompt split over engine steps (chunked prefill) makes vLLM rewind the
