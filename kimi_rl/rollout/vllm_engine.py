@@ -156,7 +156,9 @@ class WorkerExtension:
 
         def sample(logits: Tensor, generators: dict[int, torch.Generator], k, p):
             probs = apply_top_k_top_p(logits, k, p).softmax(-1, dtype=torch.float32)
-            u = torch.rand(len(probs), dtype=torch.float64)  # rows without a seed
+            u = torch.empty(len(probs), dtype=torch.float64)
+            if len(generators) < len(probs):  # rows without a seed: the global generator
+                u.uniform_()
             for i, generator in generators.items():
                 u[i] = torch.rand((), generator=generator, dtype=torch.float64)
             return inverse_cdf(probs, u), None
