@@ -77,15 +77,18 @@ def train_app(cfg: DictConfig) -> None:
 def sft_app(cfg: DictConfig) -> None:
     from .build import build_policy, save_hf
     from .data import load_task
-    from .sft import encode_demos, run_sft
+    from .loop import sft_report
+    from .sft import encode_demos, run_sft, split_heldout
 
     host.setup(cfg.num_threads)
     task = load_task(cfg.data)
     policy, tokenizer = build_policy(cfg, task)
-    demos = encode_demos(tokenizer, task.demonstrations(cfg.data.check_prob, cfg.seed))
-    stats = run_sft(policy, demos, cfg.sft, cfg.seed, steps=cfg.sft.steps)
+    demos, heldout = split_heldout(
+        encode_demos(tokenizer, task.demonstrations(cfg.data.check_prob, cfg.seed)),
+        cfg.sft.heldout, cfg.seed)
+    stats = run_sft(policy, demos, cfg.sft, cfg.seed, cfg.sft.steps, heldout)
     out = save_hf(policy, tokenizer, _run_dir(cfg) / "hf_model")
-    print(f"sft: {stats['steps']} steps, loss {stats['loss']:.4f}; model saved to {out}")
+    print(f"{sft_report('sft', stats, len(demos), len(heldout))}; model saved to {out}")
 
 
 @hydra.main(**HYDRA)

@@ -6,7 +6,7 @@ chosen over generating on rank 0 and broadcasting because it is how colocated vL
 run under torchrun anyway (external_launcher: every rank makes the same generate call),
 and it keeps the loop free of communication. `check_same` verifies it each iteration and
 stops the run if ranks diverge. Only the policy backend splits work (TP/PP/DP). Decisions
-that depend on a clock or a signal are made once for all ranks (`agree_stop`, `run_for`).
+that depend on a clock or a signal are made once for all ranks (`agree_stop`, `broadcast_int`).
 Rank 0 alone writes run outputs (config, TensorBoard, summary, HF model, the non-policy
 part of checkpoints); the megatron policy writes its shards from every rank.
 """
@@ -17,7 +17,6 @@ import hashlib
 import os
 import pickle
 import signal
-import time
 from datetime import timedelta
 from pathlib import Path
 
@@ -168,26 +167,10 @@ def agree_stop(preempt) -> bool:
     return bool(flag.item())
 
 
-class _TimeUp(Exception):
-    pass
-
-
-def run_for(seconds: float, run) -> dict:
-    """`run(on_step)` (a training loop calling on_step(step, loss) after each step, with no
-    limit of its own) stopped after `seconds` of rank 0's clock, so that every rank takes
-    the same number of steps. Returns {"steps", "loss", "seconds"}."""
-    t0, last = time.perf_counter(), {"steps": 0, "loss": float("nan")}
-
-    def on_step(step: int, loss: float) -> None:
-        last.update(steps=step, loss=loss)
-        flag = torch.tensor([int(time.perf_counter() - t0 >= seconds)])
-        if world_size() > 1:
-            dist.broadcast(flag, src=0, group=_cpu_group())
-        if flag.item():
-            raise _TimeUp
-
-    try:
-        run(on_step)
-    except _TimeUp:
-        pass
-    return {**last, "seconds": time.perf_counter() - t0}
+def broadcast_int(value: int) -> int:
+    """Rank 0's `value` on every rank (the value itself in a single process)."""
+    if world_size() == 1:
+        return int(value)
+    t = torch.tensor([int(value)])
+    dist.broadcast(t, src=0, group=_cpu_group())
+    return int(t.item())

@@ -1,11 +1,22 @@
-"""Supervised fine-tuning on chain-of-thought demonstrations (the long-CoT cold start)."""
+"""Supervised fine-tuning on chain-of-thought demonstrations (the long-CoT cold start).
+
+The learning rate warms up linearly, then decays by a cosine to `final_lr_ratio` of its
+peak over the run's steps (`schedule="cosine"`), so that the last steps, which make the
+model RL starts from, are small ones: at a constant rate the final model is whatever the
+last noisy steps left, and which one that is depends on float rounding. A slice of the
+demonstrations is held out; its loss is measured every `eval_every` steps and at the end,
+and `select="best"` keeps the weights of the best measurement.
+"""
 
 from __future__ import annotations
 
+import copy
+import math
 import random
 import time
 from collections.abc import Sequence
 
+import torch
 from transformers import PreTrainedTokenizerBase
 
 from .config import SFTConfig
@@ -14,9 +25,11 @@ from .policy.hf import HFPolicy
 from .policy.packing import pack
 from .rollout.samples import encode_prompt
 
+Demo = tuple[list[int], list[int]]  # (prompt ids, response ids + EOS)
+
 
 def encode_demos(tokenizer: PreTrainedTokenizerBase, demos: Sequence[tuple[Problem, str]]
-                 ) -> list[tuple[list[int], list[int]]]:
+                 ) -> list[Demo]:
     """(prompt ids, response ids + EOS) per demonstration."""
     eos = tokenizer.eos_token_id
     return [
@@ -25,34 +38,88 @@ def encode_demos(tokenizer: PreTrainedTokenizerBase, demos: Sequence[tuple[Probl
     ]
 
 
-def run_sft(policy: HFPolicy, data: Sequence[tuple[list[int], list[int]]], cfg: SFTConfig,
-            seed: int, steps: int | None = None, seconds: float | None = None,
-            warmup: bool = True, on_step=None) -> dict[str, float]:
-    """Minimise the mean token NLL of the responses over random batches, for `steps`
-    steps or until `seconds` of wall time have passed. Uses a fresh optimizer with
-    linear warmup (when `warmup`) to a constant learning rate."""
+def split_heldout(data: Sequence[Demo], n: int, seed: int) -> tuple[list[Demo], list[Demo]]:
+    """(train, held out): `n` demonstrations drawn at random are held out, at most a
+    quarter of them (none when there are fewer than 8)."""
+    n = min(n, len(data) // 4) if len(data) >= 8 else 0
+    held = set(random.Random(seed).sample(range(len(data)), n))
+    return ([d for i, d in enumerate(data) if i not in held],
+            [d for i, d in enumerate(data) if i in held])
+
+
+def lr_at(cfg: SFTConfig, step: int, total: int) -> float:
+    """The learning rate of step `step` (0-based) of `total`: linear warmup over
+    `warmup_steps`, then constant or a cosine from `lr` down to `lr * final_lr_ratio` at
+    the last step."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    if cfg.schedule == "constant":
+        return cfg.lr
+    span = max(total - 1 - cfg.warmup_steps, 1)
+    frac = min(1.0, (step - cfg.warmup_steps) / span)
+    low = cfg.lr * cfg.final_lr_ratio
+    return low + (cfg.lr - low) * 0.5 * (1.0 + math.cos(math.pi * frac))
+
+
+def _nll_fn(n_tokens: int):
+    def nll(lp, mb):
+        loss = -lp.sum() / n_tokens
+        return loss, {"loss/nll": loss.item()}
+    return nll
+
+
+@torch.no_grad()
+def heldout_loss(policy: HFPolicy, data: Sequence[Demo]) -> float:
+    """Mean token NLL of the responses of `data` (no gradient)."""
+    n_tokens = sum(len(r) for _, r in data)
+    total = 0.0
+    for mb in pack([p for p, _ in data], [r for _, r in data], policy.cfg.micro_batch_tokens):
+        total += -float(policy.logprobs(mb)[0].sum())
+    return total / max(n_tokens, 1)
+
+
+def run_sft(policy: HFPolicy, data: Sequence[Demo], cfg: SFTConfig, seed: int, steps: int,
+            heldout: Sequence[Demo] = (), on_step=None, on_eval=None) -> dict:
+    """Minimise the mean token NLL of the responses over `steps` random batches with a
+    fresh optimizer and the schedule of `lr_at`. With `heldout` demonstrations, their loss
+    is measured every `cfg.eval_every` steps and after the last; `cfg.select="best"` then
+    leaves the policy at the weights of the lowest one. `on_step(step, loss)` after each
+    step, `on_eval(step, heldout_loss)` after each measurement.
+
+    Returns steps, the last batch's loss, seconds, and (with `heldout`) heldout_loss (the
+    kept weights') and best_step."""
     if not data:
         raise ValueError("sft: no demonstrations (data.demos selects none)")
     rng = random.Random(seed)
     policy.reset_optimizer(cfg.lr)
-    start, step, loss = time.perf_counter(), 0, float("nan")
-    while True:
-        if steps is not None and step >= steps:
-            break
-        if seconds is not None and time.perf_counter() - start >= seconds:
-            break
-        if warmup and cfg.warmup_steps > 0:
-            policy.set_lr(cfg.lr * min(1.0, (step + 1) / cfg.warmup_steps))
+    start, loss = time.perf_counter(), float("nan")
+    best: tuple[float, int, dict | None] = (math.inf, 0, None)
+    last_eval = math.nan
+
+    def measure(step: int) -> None:
+        nonlocal best, last_eval
+        last_eval = heldout_loss(policy, heldout)
+        if on_eval is not None:
+            on_eval(step, last_eval)
+        if cfg.select == "best" and last_eval < best[0]:
+            best = (last_eval, step, copy.deepcopy(policy.model.state_dict()))
+        elif cfg.select != "best":
+            best = (last_eval, step, None)
+
+    for step in range(steps):
+        policy.set_lr(lr_at(cfg, step, steps))
         batch = [data[rng.randrange(len(data))] for _ in range(cfg.batch_size)]
         micro = pack([p for p, _ in batch], [r for _, r in batch], policy.cfg.micro_batch_tokens)
-        n_tokens = sum(len(r) for _, r in batch)
-
-        def nll(lp, mb, n_tokens=n_tokens):
-            loss = -lp.sum() / n_tokens
-            return loss, {"loss/nll": loss.item()}
-
-        loss = policy.train_step(micro, nll)["loss/nll"]
-        step += 1
+        loss = policy.train_step(micro, _nll_fn(sum(len(r) for _, r in batch)))["loss/nll"]
         if on_step is not None:
-            on_step(step, loss)
-    return {"steps": step, "loss": loss, "seconds": time.perf_counter() - start}
+            on_step(step + 1, loss)
+        if heldout and cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < steps:
+            measure(step + 1)
+    stats = {"steps": steps, "loss": loss}
+    if heldout:
+        measure(steps)
+        if best[2] is not None and best[1] != steps:
+            policy.model.load_state_dict(best[2])
+        stats.update(heldout_loss=best[0], best_step=best[1])
+    stats["seconds"] = time.perf_counter() - start
+    return stats
