@@ -9,16 +9,21 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 
-def length_rewards(lengths: Sequence[int], correct: Sequence[bool]) -> list[float]:
+def length_rewards(lengths: Sequence[int], correct: Sequence[bool],
+                   only_solved: bool = False) -> list[float]:
     """len_reward(i) for one group of k responses to a problem.
 
     lambda_i = 0.5 - (len_i - min_len) / (max_len - min_len); correct responses get
     lambda_i, incorrect ones min(0, lambda_i); all zeros when every length is equal.
+    `only_solved` (an option, not the report's formula): all zeros too when no response
+    is correct, where min(0, lambda) would reward the shortest wrong response.
     """
     if len(lengths) != len(correct):
         raise ValueError(f"{len(lengths)} lengths but {len(correct)} correctness flags")
     if not lengths:
         return []
+    if only_solved and not any(correct):
+        return [0.0] * len(lengths)
     lo, hi = min(lengths), max(lengths)
     if hi == lo:
         return [0.0] * len(lengths)

@@ -66,7 +66,7 @@ def generate_groups(engine: RolloutEngine, tokenizer: PreTrainedTokenizerBase,
 
 def score_groups(samples: Sequence[Sample], verify: Callable[[Problem, str], float],
                  length_weight: float, repeat_penalty: float = 0.0,
-                 truncated_reward: str = "verify") -> None:
+                 truncated_reward: str = "verify", only_solved: bool = False) -> None:
     """Correctness from the verifier plus the weighted Kimi length reward, per group
     (SPEC.md section 2). Fills correct, length_reward and reward in place.
 
@@ -76,7 +76,8 @@ def score_groups(samples: Sequence[Sample], verify: Callable[[Problem, str], flo
     "repeat" response loses `repeat_penalty` besides (>= 0). A truncated one ("length")
     is scored like any other with truncated_reward="verify"; with "zero" its
     reward and length reward are 0 (`correct` still holds the verifier's result, and its
-    length still counts for the group's min and max lengths).
+    length still counts for the group's min and max lengths). `only_solved`: no length
+    reward in a group without a correct response (reward.length_penalty_groups=solved).
     """
     if truncated_reward not in TRUNCATED_REWARDS:
         raise ValueError(f"truncated_reward: unknown value {truncated_reward!r} "
@@ -89,7 +90,8 @@ def score_groups(samples: Sequence[Sample], verify: Callable[[Problem, str], flo
         s.correct = score
         groups.setdefault(s.group, []).append(s)
     for members in groups.values():
-        lens = length_rewards([len(s.tokens) for s in members], [s.correct == 1.0 for s in members])
+        lens = length_rewards([len(s.tokens) for s in members],
+                              [s.correct == 1.0 for s in members], only_solved)
         for s, lr in zip(members, lens, strict=True):
             if truncated_reward == "zero" and s.finish_reason == "length":
                 s.length_reward = s.reward = 0.0
