@@ -1,0 +1,129 @@
+"""Policy-collapse detection: signals that RL is destroying what the policy knew.
+
+Each watched quantity is averaged over the last `window` iterations and compared with the
+best such average so far:
+- training accuracy per difficulty level (levels enter and leave with the curriculum, so
+  the overall mean would fall at a stage change without any collapse): a level whose
+  windowed accuracy, over at least `min_samples` responses, falls `accuracy_drop` below
+  its best;
+- the share of responses stopped by repeat detection, `repeat_rise` above its lowest;
+- the policy's mean token entropy, below `entropy_ratio` of its highest;
+- the mean response length, below `length_ratio` of its longest.
+The entropy and length rules are loose by default: both fall in healthy runs (RL sharpens
+the policy; the length penalty shortens responses). A rule that fires names itself; the
+detector reports, it does not change the run.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+from .config import CollapseConfig
+
+
+@dataclass
+class _Window:
+    """Sums over the last n iterations of (value, weight) pairs."""
+
+    n: int
+
+    def __post_init__(self) -> None:
+        self.items: deque[tuple[float, float]] = deque(maxlen=self.n)
+
+    def add(self, value_sum: float, weight: float) -> None:
+        self.items.append((value_sum, weight))
+
+    def weight(self) -> float:
+        return sum(w for _, w in self.items)
+
+    def mean(self) -> float | None:
+        w = self.weight()
+        return sum(v for v, _ in self.items) / w if w > 0 else None
+
+    def full(self) -> bool:
+        return len(self.items) == self.n
+
+
+class CollapseDetector:
+    """Feed it each iteration's metrics (`update`); it returns the rules that fire."""
+
+    def __init__(self, cfg: CollapseConfig):
+        self.cfg = cfg
+        self.windows: dict[str, _Window] = {}
+        self.best: dict[str, float] = {}
+        self.first_iteration: int | None = None
+        self.reasons: dict[str, int] = {}  # rule -> first iteration it fired
+        self.fired: list[str] = []  # the rules that fired at the last update
+
+    def _window(self, key: str) -> _Window:
+        return self.windows.setdefault(key, _Window(self.cfg.window))
+
+    def _track(self, key: str, value_sum: float, weight: float, higher_is_better: bool,
+               min_weight: float = 0.0) -> tuple[float, float] | None:
+        """Add to `key`'s window; (windowed mean, best windowed mean before it) once the
+        window is full and heavy enough."""
+        w = self._window(key)
+        w.add(value_sum, weight)
+        mean = w.mean()
+        if mean is None or not w.full() or w.weight() < min_weight:
+            return None
+        best = self.best.get(key)
+        if best is None or (mean > best if higher_is_better else mean < best):
+            self.best[key] = mean
+        return mean, (mean if best is None else best)
+
+    def update(self, iteration: int, metrics: dict[str, float]) -> dict[str, float]:
+        """The collapse scalars of this iteration (collapse/...), firing rules included."""
+        c = self.cfg
+        out: dict[str, float] = {}
+        fired: list[str] = []
+        n = metrics.get("rollout/samples", 0.0)
+        for key, value in metrics.items():
+            if key.startswith("accuracy/train_L") and f"rollout/samples_{key[15:]}" in metrics:
+                count = metrics[f"rollout/samples_{key[15:]}"]
+                seen = self._track(key, value * count, count, True, c.min_samples)
+                if seen:
+                    drop = seen[1] - seen[0]
+                    out[f"collapse/accuracy_drop_{key[15:]}"] = drop
+                    if drop > c.accuracy_drop:
+                        fired.append(f"accuracy_{key[15:]}")
+        if "rollout/repeat_terminated_fraction" in metrics and n:
+            seen = self._track("repeat", metrics["rollout/repeat_terminated_fraction"] * n, n,
+                               False)
+            if seen:
+                out["collapse/repeat_rise"] = seen[0] - seen[1]
+                if seen[0] - seen[1] > c.repeat_rise:
+                    fired.append("repeat")
+        for key, name, ratio in (("train/entropy", "entropy", c.entropy_ratio),
+                                 ("response_length/mean", "length", c.length_ratio)):
+            if key in metrics:
+                seen = self._track(name, metrics[key], 1.0, True)
+                if seen and seen[1] > 0:
+                    out[f"collapse/{name}_ratio"] = seen[0] / seen[1]
+                    if seen[0] < ratio * seen[1]:
+                        fired.append(name)
+        for rule in fired:
+            self.reasons.setdefault(rule, iteration)
+        if fired and self.first_iteration is None:
+            self.first_iteration = iteration
+        out["collapse/firing"] = float(bool(fired))
+        out["collapse/detected"] = float(self.first_iteration is not None)
+        self.fired = fired
+        return out
+
+    def summary(self) -> dict:
+        return {"detected": self.first_iteration is not None,
+                "first_iteration": self.first_iteration, "rules": dict(self.reasons)}
+
+    def state_dict(self) -> dict:
+        return {"windows": {k: list(w.items) for k, w in self.windows.items()},
+                "best": dict(self.best), "first_iteration": self.first_iteration,
+                "reasons": dict(self.reasons)}
+
+    def load_state_dict(self, state: dict) -> None:
+        for k, items in state["windows"].items():
+            self._window(k).items.extend(tuple(i) for i in items)
+        self.best = dict(state["best"])
+        self.first_iteration = state["first_iteration"]
+        self.reasons = dict(state["reasons"])
