@@ -175,6 +175,10 @@ class RewardConfig:
 
     length_penalty_weight: float = 0.0
     length_penalty_warmup: int = 0  # iterations with weight 0 first
+    # groups that get the length reward: all (Kimi's formula: in a group with no correct
+    # response every response gets min(0, lambda), which favours the shortest wrong one) |
+    # solved (only groups with at least one correct response; the others get none)
+    length_penalty_groups: str = "all"
     repeat_penalty: float = 0.0  # >= 0, subtracted from the reward of a "repeat" response
     truncated_reward: str = "verify"  # verify (as any response) | zero (reward 0, no length
     #                                   reward) for a response cut at max_new_tokens
@@ -246,9 +250,22 @@ class SFTConfig:
     enabled: bool = False
     steps: int = 600
     batch_size: int = 64
-    lr: float = 3e-3
-    warmup_steps: int = 30
-    control: bool = False  # after RL: same wall time of further SFT from the SFT start
+    lr: float = 3e-3  # peak learning rate
+    warmup_steps: int = 30  # linear warmup to lr
+    # after the warmup: cosine (decays to lr * final_lr_ratio at the last step) | constant.
+    # At a constant rate the model RL starts from is whatever the last noisy steps left
+    schedule: str = "cosine"
+    final_lr_ratio: float = 0.05
+    heldout: int = 256  # demonstrations held out for the held-out SFT loss (at most 1/4)
+    eval_every: int = 50  # held-out loss every N steps (and after the last)
+    select: str = "best"  # best (lowest held-out loss of those measured) | final: weights kept
+    # after RL: more SFT from the SFT start, as many steps as the cold start's mean step time
+    # fits in RL's wall time, with the same schedule (the control's step count follows the
+    # machine's speed)
+    control: bool = False
+    # a run directory whose SFT start (checkpoints/sft_start.pt, written when sft.control
+    # is on) is loaded instead of training one: arms of a comparison share their SFT start
+    from_run: Optional[str] = None
 
 
 @dataclass
@@ -266,6 +283,20 @@ class EvalConfig:
     samples: int = 0  # `kimi-rl eval`: n responses per problem for pass@k, maj@k (0 = off)
     k: List[int] = field(default_factory=lambda: [1])  # the k values, each in 1..samples
     seed: int = 0  # sampling seed of those responses
+
+
+@dataclass
+class CollapseConfig:
+    """Collapse detection (kimi_rl/collapse.py): windowed means against their best so far.
+    A rule that fires prints a warning, sets the collapse/* scalars and is recorded in
+    summary.json (`collapse`); the run goes on."""
+    enabled: bool = True
+    window: int = 3  # iterations averaged
+    accuracy_drop: float = 0.3  # a level's training accuracy this far below its best
+    min_samples: int = 24  # responses of a level in the window before its accuracy counts
+    repeat_rise: float = 0.3  # share of repeat-stopped responses this far above its lowest
+    entropy_ratio: float = 0.2  # mean token entropy below this share of its highest
+    length_ratio: float = 0.3  # mean response length below this share of its longest
 
 
 @dataclass
@@ -315,6 +346,7 @@ class TrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    collapse: CollapseConfig = field(default_factory=CollapseConfig)
     preemption: PreemptionConfig = field(default_factory=PreemptionConfig)
     difficulty: DifficultyConfig = field(default_factory=DifficultyConfig)  # kimi-rl difficulty
     iterations: int = 100
@@ -328,6 +360,9 @@ class TrainConfig:
 
 
 TRUNCATED_REWARDS = ("verify", "zero")
+SFT_SCHEDULES = ("cosine", "constant")
+SFT_SELECT = ("best", "final")
+LENGTH_PENALTY_GROUPS = ("all", "solved")
 REF_LOGPROBS = ("trainer", "rollout")
 LOSS_SEGMENTS = ("recent", "all")
 STALE_TRAJECTORIES = ("regenerate", "drop")
@@ -367,6 +402,17 @@ def check_config(cfg: TrainConfig) -> None:
             f"one of {list(REF_LOGPROBS)}")
     require("reward.truncated_reward", rw.truncated_reward,
             rw.truncated_reward in TRUNCATED_REWARDS, f"one of {list(TRUNCATED_REWARDS)}")
+    sft = cfg.sft
+    require("sft.schedule", sft.schedule, sft.schedule in SFT_SCHEDULES,
+            f"one of {list(SFT_SCHEDULES)}")
+    require("sft.select", sft.select, sft.select in SFT_SELECT, f"one of {list(SFT_SELECT)}")
+    require("sft.final_lr_ratio", sft.final_lr_ratio, 0 <= sft.final_lr_ratio <= 1,
+            "a number in [0, 1]")
+    for key in ("steps", "warmup_steps", "heldout", "eval_every"):
+        require(f"sft.{key}", getattr(sft, key), getattr(sft, key) >= 0, "an integer >= 0")
+    require("reward.length_penalty_groups", rw.length_penalty_groups,
+            rw.length_penalty_groups in LENGTH_PENALTY_GROUPS,
+            f"one of {list(LENGTH_PENALTY_GROUPS)}")
     pe = cfg.preemption
     require("preemption.exit_code", pe.exit_code, 1 <= pe.exit_code <= 255,
             "an integer in 1..255")

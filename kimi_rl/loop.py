@@ -35,6 +35,7 @@ from curriculum.schedules import piecewise
 
 from . import checkpoint, distributed, host
 from .algorithms import LossBatch, get_algorithm
+from .collapse import CollapseDetector
 from .build import build_engine, build_policy, build_sampler, save_hf
 from .config import RolloutConfig, TrainConfig, check_config
 from .data import load_task
@@ -48,7 +49,16 @@ from .rewards.verify import get_verifier
 from .rollout.engine import SamplingParams
 from .rollout.partial import PartialRollouts, StepStats
 from .rollout.samples import Sample, score_groups
-from .sft import encode_demos, run_sft
+from .sft import encode_demos, lr_at, run_sft, split_heldout
+
+
+# summary.json always holds these keys (null where a phase did not run or nothing was
+# correct), besides run_dir, rl_seconds, the eval_it<N> results and the per-phase details
+SUMMARY_KEYS = ("eval_before", "eval_warmup_end", "eval_after", "sft_control",
+                "trained_levels", "demonstrated_levels", "demonstrations",
+                "correct_length_at_warmup_end", "correct_length_final",
+                "accuracy_change_after_warmup", "sft", "sft_control_stats", "collapse",
+                "generated_tokens", "trained_tokens", "iterations", "wall_seconds")
 
 
 def train(cfg: TrainConfig, run_dir: str | Path, preempt: Preemption | None = None) -> dict:
@@ -70,10 +80,11 @@ def train(cfg: TrainConfig, run_dir: str | Path, preempt: Preemption | None = No
     algo = get_algorithm(cfg.algo.name)
     by_id = {p.id: p for p in task.train}
     rollouts = build_rollouts(cfg)
+    detector = CollapseDetector(cfg.collapse)
     params = SamplingParams(cfg.rollout.temperature, cfg.rollout.top_p,
                             repeat=repeat_detection(cfg.rollout))
     demo_pairs = task.demonstrations(cfg.data.check_prob, cfg.seed)
-    demos = encode_demos(tokenizer, demo_pairs)
+    demos, heldout = split_heldout(encode_demos(tokenizer, demo_pairs), cfg.sft.heldout, cfg.seed)
     demo_counts = dict(Counter(p.level for p, _ in demo_pairs))
 
     def run_eval(title: str, key: str) -> dict[int, float]:
@@ -88,7 +99,8 @@ def train(cfg: TrainConfig, run_dir: str | Path, preempt: Preemption | None = No
         log.print(format_accuracy(f"held-out ({title})", greedy["accuracy"]))
         return greedy["accuracy"]
 
-    summary: dict = {"run_dir": str(run_dir), "rl_seconds": 0.0, "wall_seconds": 0.0}
+    summary: dict = {"run_dir": str(run_dir), "rl_seconds": 0.0, "wall_seconds": 0.0,
+                     **{key: None for key in SUMMARY_KEYS}}
     start = 0
     if cfg.resume:
         path = checkpoint.latest(cfg.resume)
@@ -98,6 +110,8 @@ def train(cfg: TrainConfig, run_dir: str | Path, preempt: Preemption | None = No
         engine.load_state_dict(state["engine"])
         sampler.load_state_dict(state["sampler"])
         rollouts.load_state_dict(state["rollouts"], by_id)
+        if "collapse" in state:
+            detector.load_state_dict(state["collapse"])
         checkpoint.set_rng_state(state["rng"])
         summary, start = state["summary"], state["iteration"]
     wall0 = summary["wall_seconds"]  # time spent by earlier processes of this run
@@ -120,18 +134,32 @@ def train(cfg: TrainConfig, run_dir: str | Path, preempt: Preemption | None = No
     if not cfg.resume:
         if distributed.is_main():
             (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
-        if cfg.sft.enabled:
+        if cfg.sft.enabled and cfg.sft.from_run:
+            path = Path(cfg.sft.from_run) / "checkpoints" / "sft_start.pt"
+            if not path.is_file():
+                raise ValueError(f"sft.from_run: {path} does not exist (the run must have "
+                                 f"had sft.control=true)")
+            distributed.load_policy(policy, path, checkpoint.load(path))
+            summary["sft"] = {"from_run": str(cfg.sft.from_run)}
+            log.print(f"sft cold start: loaded from {path}")
+            engine.update_weights(policy.export_weights())
+            if cfg.sft.control:
+                distributed.save_checkpoint(run_dir, "sft_start", {}, policy, latest=False)
+        elif cfg.sft.enabled:
             bar = log.start_bar("sft", cfg.sft.steps)
 
             def on_step(step, loss):
                 bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
                 bar.update(1)
+                log.scalars({"sft/loss": loss, "sft/lr": lr_at(cfg.sft, step - 1, cfg.sft.steps)},
+                            step)
                 stop_if_requested("during the SFT cold start")
 
-            stats = run_sft(policy, demos, cfg.sft, cfg.seed, steps=cfg.sft.steps,
-                            on_step=on_step)
-            log.print(f"sft cold start: {stats['steps']} steps, loss {stats['loss']:.4f}, "
-                      f"{stats['seconds']:.1f} s on {len(demos)} demonstrations")
+            stats = run_sft(policy, demos, cfg.sft, cfg.seed, cfg.sft.steps, heldout, on_step,
+                            on_eval=lambda step, loss: log.scalars({"sft/heldout_loss": loss},
+                                                                   step))
+            summary["sft"] = stats
+            log.print(sft_report("sft cold start", stats, len(demos), len(heldout)))
             engine.update_weights(policy.export_weights())
             if cfg.sft.control:
                 distributed.save_checkpoint(run_dir, "sft_start", {}, policy, latest=False)
@@ -149,10 +177,16 @@ def train(cfg: TrainConfig, run_dir: str | Path, preempt: Preemption | None = No
         summary["rl_seconds"] += time.perf_counter() - t0
         for key, metric in (("generated_tokens", "rollout/generated_tokens"),
                             ("trained_tokens", "partial/trained_tokens")):
-            summary[key] = summary.get(key, 0) + int(metrics[metric])
+            summary[key] = (summary.get(key) or 0) + int(metrics[metric])
         if cfg.eval.every and (it + 1) % cfg.eval.every == 0:
             ev = run_eval(f"it {it + 1}", f"eval_it{it + 1}")
             metrics.update({f"eval/accuracy_L{lv}": a for lv, a in ev.items()})
+        if cfg.collapse.enabled:
+            metrics.update(detector.update(it, metrics))
+            if detector.fired:
+                log.print(f"WARNING: policy collapse? iteration {it}: "
+                          f"{', '.join(collapse_reason(r, metrics) for r in detector.fired)}")
+            summary["collapse"] = detector.summary()
         log.scalars(metrics, it)
         log.step({k: metrics[m] for k, m in (("reward", "reward/mean"),
                                              ("acc", "accuracy/train"),
@@ -163,6 +197,7 @@ def train(cfg: TrainConfig, run_dir: str | Path, preempt: Preemption | None = No
             distributed.save_checkpoint(run_dir, f"iter_{it + 1:06d}", {
                 "iteration": it + 1, "engine": engine.state_dict(),
                 "sampler": sampler.state_dict(), "rollouts": rollouts.state_dict(),
+                "collapse": detector.state_dict(),
                 "rng": checkpoint.rng_state(),
                 "summary": summary, "config": OmegaConf.to_container(cfg)}, policy)
         if stopping:  # decided once, above: a signal arriving after the save waits an iteration
@@ -174,7 +209,8 @@ def train(cfg: TrainConfig, run_dir: str | Path, preempt: Preemption | None = No
     if distributed.is_main():
         save_hf(policy, tokenizer, run_dir / "hf_model")
     if cfg.sft.enabled and cfg.sft.control:
-        sft_control(cfg, run_dir, policy, engine, demos, summary["rl_seconds"], run_eval, log)
+        summary["sft_control_stats"] = sft_control(cfg, run_dir, policy, engine, demos, heldout,
+                                                   summary, run_eval, log)
     summary.update(demo_summary(cfg, task, summary, demo_counts))
     summary["iterations"] = cfg.iterations
     summary["wall_seconds"] = wall0 + time.perf_counter() - t_start
@@ -201,7 +237,8 @@ def rl_iteration(it, cfg, policy, engine, sampler, algo, tokenizer, by_id, param
     for task in {s.problem.task for s in samples}:  # code: in parallel sandboxes
         score_groups([s for s in samples if s.problem.task == task],
                      get_verifier(task, cfg.reward), weight,
-                     cfg.reward.repeat_penalty, cfg.reward.truncated_reward)
+                     cfg.reward.repeat_penalty, cfg.reward.truncated_reward,
+                     only_solved=cfg.reward.length_penalty_groups == "solved")
     sampler.update((s.problem.id, s.correct) for s in samples)
     t2 = time.perf_counter()
     masks = loss_masks(cfg.rollout, samples, it)
@@ -234,6 +271,19 @@ def rl_iteration(it, cfg, policy, engine, sampler, algo, tokenizer, by_id, param
         log.text(f"samples/{j}", f"prompt: {s.problem.prompt!r}\n\nresponse: {s.text!r}\n\n"
                  f"reward {s.reward:.3f} (correct {s.correct:.0f})", it)
     return m
+
+
+def collapse_reason(rule: str, metrics: dict[str, float]) -> str:
+    """A fired collapse rule in words, with its figure."""
+    if rule.startswith("accuracy_"):
+        lv = rule.split("_", 1)[1]
+        return (f"training accuracy of {lv} {metrics[f'collapse/accuracy_drop_{lv}']:.2f} "
+                f"below its best")
+    if rule == "repeat":
+        return (f"repeat-stopped responses {metrics['collapse/repeat_rise']:.2f} above their "
+                f"lowest share")
+    what = {"entropy": "token entropy", "length": "mean response length"}[rule]
+    return f"{what} at {metrics[f'collapse/{rule}_ratio']:.2f}x its highest"
 
 
 def build_rollouts(cfg: TrainConfig) -> PartialRollouts:
@@ -405,24 +455,36 @@ def rollout_metrics(samples: list[Sample], weight: float) -> dict[str, float]:
     correct = [len(s.tokens) for s in samples if s.correct == 1.0]
     if correct:
         m["response_length/correct_mean"] = float(np.mean(correct))
+    m["rollout/samples"] = len(samples)
     for lv in sorted({s.problem.level for s in samples}):
-        m[f"accuracy/train_L{lv}"] = float(np.mean([s.correct for s in samples
-                                                    if s.problem.level == lv]))
+        of_level = [s.correct for s in samples if s.problem.level == lv]
+        m[f"accuracy/train_L{lv}"] = float(np.mean(of_level))
+        m[f"rollout/samples_L{lv}"] = len(of_level)
     return m
 
 
-def sft_control(cfg, run_dir, policy, engine, demos, seconds, run_eval, log) -> None:
-    """The SFT start trained further on all demonstrations for RL's wall time, evaluated."""
+def sft_report(what: str, stats: dict, n_demos: int, n_heldout: int) -> str:
+    held = (f", held-out loss {stats['heldout_loss']:.4f} (weights of step "
+            f"{stats['best_step']})" if "heldout_loss" in stats else "")
+    return (f"{what}: {stats['steps']} steps, last batch loss {stats['loss']:.4f}{held}, "
+            f"{stats['seconds']:.1f} s on {n_demos} demonstrations ({n_heldout} held out)")
+
+
+def sft_control(cfg, run_dir, policy, engine, demos, heldout, summary, run_eval, log) -> dict:
+    """The SFT start trained further on the same demonstrations, evaluated: as many steps
+    as the cold start's mean step time fits in RL's wall time (rank 0's figures under
+    torchrun), with the cold start's schedule."""
     path = Path(run_dir) / "checkpoints" / "sft_start.pt"
     distributed.load_policy(policy, path, checkpoint.load(path))
-    if distributed.world_size() == 1:
-        stats = run_sft(policy, demos, cfg.sft, cfg.seed + 7, seconds=seconds, warmup=False)
-    else:  # one clock (rank 0's) for every rank, or they would take different step counts
-        stats = distributed.run_for(seconds, lambda on_step: run_sft(
-            policy, demos, cfg.sft, cfg.seed + 7, warmup=False, on_step=on_step))
-    log.print(f"sft control: {stats['steps']} more SFT steps in {stats['seconds']:.1f} s")
+    sft = summary.get("sft") or {}
+    per_step = sft.get("seconds", 0.0) / max(sft.get("steps", 0), 1)
+    steps = distributed.broadcast_int(
+        max(1, round(summary["rl_seconds"] / per_step)) if per_step > 0 else cfg.sft.steps)
+    stats = run_sft(policy, demos, cfg.sft, cfg.seed + 7, steps, heldout)
+    log.print(sft_report("sft control", stats, len(demos), len(heldout)))
     engine.update_weights(policy.export_weights())
     run_eval("SFT control", "sft_control")
+    return stats
 
 
 def demo_summary(cfg: TrainConfig, task, summary: dict, demo_counts: dict[int, int]) -> dict:
@@ -438,9 +500,9 @@ def demo_summary(cfg: TrainConfig, task, summary: dict, demo_counts: dict[int, i
     for key, name in (("eval_warmup_end", "correct_length_at_warmup_end"),
                       ("eval_after", "correct_length_final")):
         vals = [v for lv, v in lengths.get(key, {}).items() if int(lv) in trained]
-        if vals:
-            out[name] = float(np.mean(vals))
-    if "eval_warmup_end" in summary and "eval_after" in summary:  # did the penalty cost accuracy?
+        out[name] = float(np.mean(vals)) if vals else None  # None: no correct response
+    out["accuracy_change_after_warmup"] = None
+    if summary.get("eval_warmup_end") and summary.get("eval_after"):  # did the penalty cost?
         out["accuracy_change_after_warmup"] = {
             lv: summary["eval_after"][lv] - acc for lv, acc in summary["eval_warmup_end"].items()
             if int(lv) in trained}

@@ -24,7 +24,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from kimi_rl import checkpoint
 from kimi_rl.config import register_configs
-from kimi_rl.loop import train
+from kimi_rl.loop import SUMMARY_KEYS, train
 
 pytestmark = pytest.mark.slow
 
@@ -235,7 +235,11 @@ def test_summary(straight):
     assert on_disk["demonstrated_levels"] == [1]
     assert on_disk["iterations"] == ITERATIONS
     assert on_disk["wall_seconds"] > 0
-    assert "sft_control" not in on_disk
+    assert on_disk["sft_control"] is None  # documented keys are there, null when not run
+    assert set(SUMMARY_KEYS) <= set(on_disk)
+    # 40 demonstrations, a quarter held out; measured once, after the last of 5 steps
+    assert on_disk["sft"]["steps"] == 5 and on_disk["sft"]["best_step"] == 5
+    assert math.isfinite(on_disk["sft"]["heldout_loss"])
     # the trained policy is saved as a Hugging Face directory
     assert (run_dir / "hf_model" / "config.json").is_file()
 
@@ -247,6 +251,23 @@ def test_summary_with_sft_control(tmp_path):
     assert on_disk["sft_control"] == json.loads(json.dumps(summary["sft_control"]))
     assert (tmp_path / "checkpoints" / "sft_start.pt").is_file()
     assert checkpoint.latest(tmp_path).name == "iter_000002.pt"
+
+
+def test_summary_keys_when_nothing_is_correct(tmp_path):
+    """An untrained model answers nothing correctly: every documented key is still written
+    (lengths of correct responses null), and the collapse record is there."""
+    summary = run(tmp_path, TINY + ["iterations=2", "checkpoint_every=2", "sft.enabled=false",
+                                    "reward.length_penalty_weight=0.5",
+                                    "reward.length_penalty_warmup=1"])
+    on_disk = json.loads((tmp_path / "summary.json").read_text())
+    assert on_disk == json.loads(json.dumps(summary, default=str))
+    assert set(SUMMARY_KEYS) <= set(on_disk)
+    assert all(a == 0 for a in on_disk["eval_after"].values())  # the premise
+    assert on_disk["correct_length_final"] is None
+    assert on_disk["correct_length_at_warmup_end"] is None
+    assert set(on_disk["accuracy_change_after_warmup"]) == {str(lv) for lv in LEVELS}
+    assert on_disk["sft"] is None and on_disk["sft_control"] is None
+    assert set(on_disk["collapse"]) == {"detected", "first_iteration", "rules"}
 
 
 def test_max_new_tokens_schedule_and_truncated_reward(tmp_path):
