@@ -7,24 +7,37 @@ unshare(2) through ctypes; no setuid helper, no root needed):
     trainer --Popen, new session--> launcher: new user, pid, mount, network, IPC and UTS
         namespaces; the trainer maps its root to uid 65534 outside (the trainer's own uid
         when it is not root), then sends the job
-        --> supervisor: pid 1 of the new pid namespace; makes the mounts, starts the
-            program, reports "ready" and at the end its exit status
+        --> supervisor: pid 1 of the new pid namespace; makes the program's root (below)
+            and pivot_root(2)s into it, starts the program, reports "ready" and at the end
+            its exit status
             --> the program: uid 1000 of a nested user namespace, no capabilities
 
 The launcher and the supervisor are this very file, run by the sandbox interpreter.
 
 What is guaranteed (tests/test_sandbox.py tries each point with a hostile program, as root):
+- What is visible: a minimal root, a fresh tmpfs holding bind mounts of the host, entered
+  with pivot_root(2), the old root detached (nothing else of the host is left in the mount
+  namespace). It shows, at their host paths: /usr, /bin, /sbin, /lib* (bound where
+  directories, recreated where links), the interpreter's own directories outside them (its
+  prefixes, sys.path, site-packages and the directories of the shared libraries it loads,
+  as the interpreter reports them, asked once per interpreter: e.g. a virtualenv's or
+  /opt/python's prefix, not the directory around it), `Limits.extra_dirs`, and the links
+  on the way to these; /etc holds only ld.so.cache (ld.so.preload), localtime and a
+  passwd and group naming the sandbox's users; /dev only null, zero, full, random,
+  urandom, fd, stdin, stdout, stderr and shm; a /proc of the run; /tmp (the working
+  directory /tmp/work is in it). Home directories, data, checkouts, run directories,
+  other mounts (/home, /root, /srv, /opt, /mnt, /var, ...) are absent. Within what it
+  shows, the program reads what the sandbox user may read (world-readable files, as
+  root uid 65534's view; as another user, that user's files too).
 - Files: every mount is read-only and nosuid inside the sandbox; /tmp and /dev/shm are
-  fresh tmpfs mounts (size `files_mb` each), /run and /var/tmp empty read-only ones. The
-  program cannot create, change or delete any file outside them; they vanish with the run
-  (nothing is written to the host's disk). The program's user owns nothing outside, holds
-  no capability, and cannot undo the mounts (a namespace it makes itself copies them
-  locked). It can READ what the sandbox user may read: world-readable files (as root,
-  uid 65534's view; as another user, that user's own files too, e.g. its home).
+  fresh tmpfs mounts (size `files_mb` each). The program cannot create, change or delete
+  any file outside them; they vanish with the run (nothing is written to the host's disk).
+  The program's user owns nothing outside, holds no capability, and cannot undo the
+  mounts (a namespace it makes itself copies them locked).
 - Network: a new network namespace with only a loopback device, down: no socket can reach
   another host nor any port of this one (not even 127.0.0.1); abstract Unix sockets are per
-  namespace. A path-named Unix socket of the host outside /run and /tmp (which are
-  hidden) is reachable if it is world-writable.
+  namespace. A path-named Unix socket of the host is reachable only if it lies in a shown
+  directory (above) and is world-writable.
 - Processes: a new pid namespace. The supervisor is its init: when the program's main
   process exits, or the run is killed (wall time, output), the kernel kills every process
   left in the namespace, daemons and setsid() escapees included. No fork can outlive the
@@ -46,12 +59,18 @@ What is guaranteed (tests/test_sandbox.py tries each point with a hostile progra
   the run's own processes. The supervisor is not dumpable (no ptrace from the program).
 
 The interpreter (`python`, default the system's python3 on /usr/local/bin:/usr/bin:/bin)
-must be readable by the sandbox user: a virtualenv under /root is not. The program runs in
-it, so what it can import is that interpreter's standard library and packages.
+must be readable by the sandbox user, path included: one under /root (mode 700, e.g.
+pyenv's) is not. The program runs in it, so what it can import is that interpreter's
+standard library and packages (a .pth file's additions only where they are shown). A
+shared library that only an extension module loads, from a directory outside those shown,
+is missing: name its directory in `extra_dirs`. A directory the sandbox cannot show (/,
+/etc, or one under /tmp, /dev or /proc, which the sandbox makes itself) raises
+`SandboxError` naming it.
 
 Not covered: kernel exploits (there is no seccomp filter), CPU and memory bandwidth taken
-from other work, reading world-readable files. Needs: Linux 5.14+ with user namespaces
-enabled (mount_setattr, per-namespace RLIMIT_NPROC, pidfd). A setup failure (not the
+from other work, reading what the shown system directories hold. Needs: Linux 5.14+ with
+user namespaces enabled (mount_setattr, per-namespace RLIMIT_NPROC, pidfd), and a /proc
+without masked paths (mounting the run's /proc needs one). A setup failure (not the
 program's doing) raises `SandboxError`, never scores a program.
 This module uses the standard library only: its source is also the supervisor.
 """
