@@ -167,12 +167,17 @@ def resolve_python(python: str) -> str:
 
 
 # Run as `python -I -S -c`: what the interpreter reads, by its own account (site-packages
-# without running site, so that .pth files cannot add a checkout), and the directories of
-# the shared libraries it has loaded.
+# without running site, so that .pth files cannot add a checkout), a virtualenv's prefix
+# (found as site finds it: a pyvenv.cfg beside or above the executable's directory), and
+# the directories of the shared libraries it has loaded.
 _PROBE = """\
 import json, os, site, sys
 dirs = [sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix, *sys.path,
         *site.getsitepackages()]
+bin_dir = os.path.dirname(os.path.abspath(sys.executable))
+venv = os.path.dirname(bin_dir)
+if any(os.path.isfile(os.path.join(d, "pyvenv.cfg")) for d in (bin_dir, venv)):
+    dirs.append(venv)
 with open("/proc/self/maps") as f:
     for line in f:
         fields = line.split(None, 5)
@@ -182,7 +187,7 @@ print(json.dumps(dirs))
 """
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _interpreter_dirs(python: str) -> tuple[str, ...]:
     """The directories the interpreter `python` uses: asked once per interpreter path."""
     try:
@@ -221,7 +226,7 @@ def _resolve(path: str, links: dict[str, str], depth: int = 0) -> str:
     return done
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def root_plan(python: str, extra_dirs: tuple[str, ...] = ()) -> dict:
     """What the root of a run of `python` (an absolute path) is made of: "binds", host
     directories and files shown read-only at the same place (the SYSTEM_DIRS that are
