@@ -192,6 +192,8 @@ class RewardConfig:
     sandbox_files_mb: int = 64  # size of the writable /tmp (and of /dev/shm) per run
     sandbox_python: str = "python3"  # interpreter (on /usr/local/bin:/usr/bin:/bin, or a
     #                                  path); it must be readable by an unprivileged user
+    sandbox_extra_dirs: List[str] = field(default_factory=list)  # directories programs may
+    #   read besides the interpreter's (absolute, read-only, e.g. a package dir; not data)
 
 
 @dataclass

@@ -6,12 +6,16 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
 import socket
+import subprocess
 import tempfile
 import textwrap
 import threading
 import time
 import uuid
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -382,6 +386,176 @@ def _cmdline(pid: str) -> bytes:
         return Path(f"/proc/{pid}/cmdline").read_bytes()
     except OSError:
         return b""
+
+
+# ---------------------------------------------------------------- what the program can read
+
+ROOT_ALLOWED = {"bin", "sbin", "lib", "lib32", "lib64", "libx32", "usr", "etc", "dev", "proc",
+                "tmp"}
+DEV_ALLOWED = {"null", "zero", "full", "random", "urandom", "fd", "stdin", "stdout", "stderr",
+               "shm"}
+ETC_ALLOWED = {"passwd", "group", "ld.so.cache", "ld.so.preload", "localtime"}
+
+
+def _world_readable_dir(parent: str, prefix: str) -> Path:
+    """A new directory anyone may read under `parent` (created as root); skips if it cannot."""
+    try:
+        path = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
+    except OSError:
+        pytest.skip(f"cannot create a directory under {parent}")
+    os.chmod(path, 0o755)
+    return path
+
+
+@pytest.fixture
+def problem_files():
+    """The run's own problem file (its test cases, expected outputs included), world-readable
+    (644) in directories anyone may enter: a data directory under /srv, a user's home under
+    /home, and one in $HOME (readable by the sandbox only where $HOME is)."""
+    name = f"problem_{uuid.uuid4().hex}.jsonl"
+    made = []
+    try:
+        for parent in ("/srv", "/home", str(Path.home())):
+            made.append(_world_readable_dir(parent, "kimi_rl_sandbox_data_"))
+            (made[-1] / name).write_text(json.dumps({"id": "add", "tests": ADD}) + "\n")
+            os.chmod(made[-1] / name, 0o644)
+        yield name, [str(d / name) for d in made]
+    finally:
+        for d in made:
+            shutil.rmtree(d)
+
+
+def test_the_problem_file_cannot_be_found_or_read(problem_files):
+    name, paths = problem_files
+    # a reward hack: read the test cases and print the expected output for this input
+    hack = f"""
+        import json, sys
+        stdin = sys.stdin.read()
+        for path in {paths!r}:
+            try:
+                tests = json.load(open(path))["tests"]
+            except OSError:
+                continue
+            print(next(t["output"] for t in tests if t["input"] == stdin))
+            break
+    """
+    assert score(hack) == 0.0
+    search = f"""
+        import os
+        for path in {paths!r}:
+            try:
+                print("read", path, len(open(path).read()), flush=True)
+            except OSError:
+                pass
+        for top, dirs, files in os.walk("/"):
+            if top == "/":
+                dirs[:] = [d for d in dirs if d not in ("proc", "sys")]
+            if {name!r} in files:
+                print("found", top, flush=True)
+        print("searched")
+    """
+    run = run_python(textwrap.dedent(search), limits=replace(FAST, time_s=30.0))
+    assert (run.status, run.stdout) == ("ok", b"searched\n"), (run.stdout[-2000:], run.stderr)
+
+
+def test_the_root_is_minimal():
+    repo = str(Path(__file__).resolve().parents[1])
+    run = run_python(textwrap.dedent(f"""
+        import json, os
+        print(json.dumps([os.listdir(d) for d in ("/", "/dev", "/etc")]))
+        print(os.path.exists({repo!r}), os.path.exists("/etc/hostname"))
+    """), limits=FAST)
+    assert run.status == "ok", run.stderr
+    lines = run.stdout.decode().splitlines()
+    root, dev, etc = (set(names) for names in json.loads(lines[0]))
+    assert root <= ROOT_ALLOWED and {"usr", "tmp", "dev", "proc", "etc"} <= root, root
+    assert not root & {"home", "root", "srv", "opt", "mnt", "work", "var", "run", "sys"}
+    assert dev <= DEV_ALLOWED and {"null", "urandom", "shm"} <= dev, dev
+    assert etc <= ETC_ALLOWED, etc
+    assert lines[1] == "False False"  # the checkout, and /etc beyond the few files
+
+
+def test_standard_library_programs_still_run():
+    program = textwrap.dedent("""
+        import collections, hashlib, json, math, os, pwd, random, re, sqlite3, subprocess
+        import sys, tempfile, time
+        a, b = map(int, re.findall(r"-?\\d+", sys.stdin.read()))
+        child = subprocess.run([sys.executable, "-c", "import json; print(json.dumps(1))"],
+                               capture_output=True, text=True, check=True)
+        db = sqlite3.connect(":memory:")
+        db.execute("create table t (x)")
+        db.executemany("insert into t values (?)", [(a,), (b,)])
+        with tempfile.NamedTemporaryFile("w") as f, open(os.devnull, "w") as null:
+            f.write("x")
+            null.write("x")
+        checks = [collections.Counter("aab")["a"] == 2, math.isqrt(16) == 4,
+                  len(hashlib.sha256(os.urandom(8)).hexdigest()) == 64,
+                  json.loads(child.stdout) == 1, time.localtime().tm_year > 2000,
+                  pwd.getpwuid(os.getuid()).pw_dir == os.environ["HOME"],
+                  0 <= random.random() < 1]
+        print(db.execute("select sum(x) from t").fetchone()[0] if all(checks) else checks)
+    """)
+    assert score(program) == 1.0
+    run = run_python(program, b"1 2", limits=FAST)
+    assert (run.status, run.stdout) == ("ok", b"3\n"), run.stderr
+
+
+def test_extra_dirs_are_readable_and_nothing_beside_them(tmp_path):
+    base = _world_readable_dir("/var/lib", "kimi_rl_sandbox_test_")
+    try:
+        pkg, data = base / "pkg", base / "data"
+        for d in (pkg, data):
+            d.mkdir(mode=0o755)
+        (pkg / "kimi_rl_helper.py").write_text("VALUE = 41\n")
+        (data / "answers.json").write_text("{}")
+        program = textwrap.dedent(f"""
+            import os, sys
+            sys.path.insert(0, {str(pkg)!r})
+            import kimi_rl_helper
+            print(kimi_rl_helper.VALUE + 1, os.listdir({str(base)!r}))
+            print(os.path.exists({str(data / "answers.json")!r}))
+            try:
+                open({str(pkg / "new.py")!r}, "w")
+                print("written")
+            except OSError:
+                print("read-only")
+        """)
+        run = run_python(program, limits=replace(FAST, extra_dirs=[str(pkg)]))
+        assert run.status == "ok" and run.stdout == b"42 ['pkg']\nFalse\nread-only\n", run
+        assert run_python(program, limits=FAST).status == "error"  # not without it
+        reward = OmegaConf.structured(RewardConfig(sandbox_extra_dirs=[str(pkg)]))
+        assert get_verifier("code", reward).limits.extra_dirs == (str(pkg),)
+    finally:
+        shutil.rmtree(base)
+    with pytest.raises(ValueError, match="reward.sandbox_extra_dirs: '/no/such/dir'"):
+        get_verifier("code", RewardConfig(sandbox_extra_dirs=["/no/such/dir"]))
+    with pytest.raises(ValueError, match="extra_dirs: 'pkg'"):
+        Limits(extra_dirs=["pkg"])  # relative
+    hidden = re.escape(str(tmp_path))  # by the run's own /tmp
+    with pytest.raises(SandboxError, match=hidden):
+        run_python("pass", limits=replace(FAST, extra_dirs=[str(tmp_path)]))
+
+
+def test_an_interpreter_outside_the_system_directories():
+    # a virtualenv elsewhere: its prefix is shown, not the directory around it
+    base = _world_readable_dir("/var/lib", "kimi_rl_sandbox_test_")
+    try:
+        venv = base / "venv"
+        subprocess.run(["/usr/bin/python3", "-m", "venv", "--without-pip", str(venv)],
+                       check=True, capture_output=True)
+        site = subprocess.run([str(venv / "bin" / "python3"), "-c",
+                               "import site; print(site.getsitepackages()[0])"],
+                              check=True, capture_output=True, text=True).stdout.strip()
+        Path(site, "kimi_rl_venv_only.py").write_text("HERE = 'venv'\n")
+        (base / "beside.txt").write_text("not for the program")
+        os.chmod(base / "beside.txt", 0o644)
+        run = run_python(textwrap.dedent(f"""
+            import os, sys, kimi_rl_venv_only
+            print(sys.prefix, kimi_rl_venv_only.HERE, os.listdir({str(base)!r}))
+        """), limits=FAST, python=str(venv / "bin" / "python3"))
+        assert (run.status, run.stdout.decode()) == ("ok", f"{venv} venv ['venv']\n"), run
+    finally:
+        shutil.rmtree(base)
 
 
 # ---------------------------------------------------------------- parallel verification

@@ -35,7 +35,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from ..data.problems import Problem
-from .sandbox import Limits, resolve_python, run_python
+from .sandbox import Limits, resolve_python, root_plan, run_python
 
 MAX_PROGRAM_CHARS = 100_000
 CODE_REWARDS = ("all", "fraction")
@@ -110,14 +110,16 @@ class CodeVerifier:
 
     @classmethod
     def from_config(cls, reward: Any) -> CodeVerifier:
-        """From a RewardConfig (kimi_rl/config.py): reward.sandbox_* limits, verify_workers,
-        sandbox_python, code_reward."""
+        """From a RewardConfig (kimi_rl/config.py): reward.sandbox_* limits and extra_dirs,
+        verify_workers, sandbox_python, code_reward."""
         try:
             limits = Limits(**{key: getattr(reward, f"sandbox_{key}") for key in
-                               ("time_s", "memory_mb", "output_bytes", "processes", "files_mb")})
+                               ("time_s", "memory_mb", "output_bytes", "processes", "files_mb",
+                                "extra_dirs")})
         except ValueError as e:
             raise ValueError(f"reward.sandbox_{e}") from None
-        resolve_python(reward.sandbox_python)  # fail now, naming it, if it is not there
+        # fail now, naming it, if the interpreter or a directory cannot be shown
+        root_plan(resolve_python(reward.sandbox_python), limits.extra_dirs)
         return cls(limits, reward.verify_workers, reward.sandbox_python, reward.code_reward)
 
     def __call__(self, problem: Problem, response: str) -> float:
