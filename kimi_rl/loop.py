@@ -99,8 +99,8 @@ def train(cfg: TrainConfig, run_dir: str | Path, preempt: Preemption | None = No
         log.print(format_accuracy(f"held-out ({title})", greedy["accuracy"]))
         return greedy["accuracy"]
 
-    summary: dict = {"run_dir": str(run_dir), "rl_seconds": 0.0, "wall_seconds": 0.0,
-                     **{key: None for key in SUMMARY_KEYS}}
+    summary: dict = {**{key: None for key in SUMMARY_KEYS},
+                     "run_dir": str(run_dir), "rl_seconds": 0.0, "wall_seconds": 0.0}
     start = 0
     if cfg.resume:
         path = checkpoint.latest(cfg.resume)
