@@ -278,7 +278,7 @@ def im_end_model(tok):
     """A tiny Llama whose greedy choice is always token 0 (<|im_end|> in the Qwen-style
     tokenizer): an untied, zeroed output layer makes every logit 0, and argmax takes the
     first of equal values."""
-    model = tiny_model(ModelConfig(hidden_size=32, num_layers=2, num_heads=2, num_kv_heads=2,
+    model = tiny_model(ModelConfig(hidden_size=32, num_layers=2, num_heads=1, num_kv_heads=1,
                                    intermediate_size=64, tie_word_embeddings=False), tok, seed=0)
     with torch.no_grad():
         model.lm_head.weight.zero_()

@@ -8,7 +8,10 @@ by these rules, in this order (tests/test_verify_math.py holds the table of case
    (braces matched at any depth, `\\{` `\\}` literal, an unclosed box is no box); with no
    box, the last non-empty line if it reads `answer: X` (also `answer = X`, `Answer X`).
    A box wins over a later answer line. An answer stated earlier in the reasoning never
-   counts, nor does one that closes before the last 8 KiB of the response.
+   counts, nor does one that closes before the last 8 KiB of the response. Under a prompt
+   format whose answers go in <answer> </answer> blocks (r1_zero; `get_verifier(...,
+   answer="tags")`, `answer_view`), only the last complete block is read: a box or answer
+   line inside it as above, else the block's whole text is the final answer; no block: 0.
 2. Hedging. Every outermost box in the final box's paragraph (from the last blank line
    before it) must hold the same answer as the final box, up to whitespace, case and a
    trailing period; else 0 ("\\boxed{1} or \\boxed{2}" scores 0 whatever the reference).
