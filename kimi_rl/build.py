@@ -15,6 +15,7 @@ from .data import TaskData
 from .data.tokenizer import char_tokenizer
 from .policy.hf import HFPolicy
 from .policy.model import DTYPES, load_pretrained, tiny_model
+from .prompts import prompt_format
 from .rollout.torch_engine import TorchEngine
 
 BACKENDS = ("hf", "megatron")
@@ -22,6 +23,9 @@ ENGINES = ("torch", "vllm")
 
 
 def build_policy(cfg: TrainConfig, task: TaskData) -> tuple[HFPolicy, PreTrainedTokenizerBase]:
+    """The policy and its tokenizer; the prompt format is checked against the tokenizer here,
+    at the start of every command (e.g. `chat` needs a chat template)."""
+    fmt = prompt_format(cfg)
     if cfg.backend.name not in BACKENDS:
         raise ValueError(
             f"backend.name: unknown backend {cfg.backend.name!r} (choose from {BACKENDS})")
@@ -34,8 +38,10 @@ def build_policy(cfg: TrainConfig, task: TaskData) -> tuple[HFPolicy, PreTrained
     else:
         if task.vocabulary is None:
             raise ValueError("model.path is required for a problem file (no built-in tokenizer)")
-        tokenizer = char_tokenizer(task.vocabulary)
+        # the prompt format's own text (a template, an instruction) is encoded too
+        tokenizer = char_tokenizer(task.vocabulary + sorted(set(fmt.fixed_text())))
         model = tiny_model(cfg.model, tokenizer, seed=cfg.seed)
+    fmt.check(tokenizer, cfg.model.path)
     if cfg.backend.name == "megatron":  # imported only when chosen (megatron-core is optional)
         if cfg.backend.share_prompts:
             raise ValueError("backend.share_prompts: the megatron backend packs every "
@@ -48,9 +54,12 @@ def build_policy(cfg: TrainConfig, task: TaskData) -> tuple[HFPolicy, PreTrained
 
 def build_engine(cfg: TrainConfig, policy: HFPolicy, tokenizer: PreTrainedTokenizerBase,
                  eos_token_id: int | None = None) -> TorchEngine:
-    """The configured rollout engine. `eos_token_id`: the stop token instead of the
-    tokenizer's EOS (-1: none, every response runs to its token limit)."""
-    eos = tokenizer.eos_token_id if eos_token_id is None else eos_token_id
+    """The configured rollout engine. A response ends at the prompt format's stop tokens:
+    the tokenizer's EOS, and with `prompt.format=chat` the chat template's end-of-turn
+    token, whatever eos_token says (kimi_rl/prompts.py). `eos_token_id`: the one stop token
+    instead (-1: none, every response runs to its token limit)."""
+    eos = (prompt_format(cfg).stop_token_ids(tokenizer) if eos_token_id is None
+           else [eos_token_id])
     if cfg.rollout.engine not in ENGINES:
         raise ValueError(
             f"rollout.engine: unknown engine {cfg.rollout.engine!r} (choose from {ENGINES})")

@@ -78,13 +78,15 @@ def sft_app(cfg: DictConfig) -> None:
     from .build import build_policy, save_hf
     from .data import load_task
     from .loop import sft_report
+    from .prompts import prompt_format
     from .sft import encode_demos, run_sft, split_heldout
 
     host.setup(cfg.num_threads)
     task = load_task(cfg.data)
     policy, tokenizer = build_policy(cfg, task)
     demos, heldout = split_heldout(
-        encode_demos(tokenizer, task.demonstrations(cfg.data.check_prob, cfg.seed)),
+        encode_demos(tokenizer, task.demonstrations(cfg.data.check_prob, cfg.seed),
+                     prompt_format(cfg)),
         cfg.sft.heldout, cfg.seed)
     stats = run_sft(policy, demos, cfg.sft, cfg.seed, cfg.sft.steps, heldout)
     out = save_hf(policy, tokenizer, _run_dir(cfg) / "hf_model")

@@ -179,6 +179,10 @@ class RewardConfig:
     # response every response gets min(0, lambda), which favours the shortest wrong one) |
     # solved (only groups with at least one correct response; the others get none)
     length_penalty_groups: str = "all"
+    # R1's format reward: + format_weight for a response that follows the prompt format
+    # (r1_zero: </think> then one <answer> block; other formats: a readable final answer);
+    # logged apart as reward/format (the share that follows it)
+    format_weight: float = 0.0
     repeat_penalty: float = 0.0  # >= 0, subtracted from the reward of a "repeat" response
     truncated_reward: str = "verify"  # verify (as any response) | zero (reward 0, no length
     #                                   reward) for a response cut at max_new_tokens
@@ -194,6 +198,26 @@ class RewardConfig:
     #                                  path); it must be readable by an unprivileged user
     sandbox_extra_dirs: List[str] = field(default_factory=list)  # directories programs may
     #   read besides the interpreter's (absolute, read-only, e.g. a package dir; not data)
+
+
+@dataclass
+class PromptConfig:
+    """How a problem becomes the model's prompt (kimi_rl/prompts.py; conf/prompt/)."""
+
+    # raw: the problem's text as it is | chat: the tokenizer's chat template | r1_zero: the
+    # DeepSeek-R1-Zero template (<think> </think> <answer> </answer>) | template: `template`
+    format: str = "raw"
+    system: Optional[str] = None  # chat: a system message; template: the {system} field
+    # appended to the problem's text in the user message (chat), or the {instruction} field
+    instruction: str = ""
+    # format=template: a format string with {prompt}, optionally {system}, {instruction}
+    template: Optional[str] = None
+    # where verifiers read the final answer: auto (r1_zero: tags, else final) | final (the
+    # last \boxed{} or a final answer line) | tags (the last <answer> ... </answer> block)
+    answer: str = "auto"
+    # tokens that also end a response, each one token (besides the tokenizer's EOS and,
+    # with chat, the template's end-of-turn token)
+    stop_tokens: List[str] = field(default_factory=list)
 
 
 @dataclass
@@ -346,6 +370,7 @@ class TrainConfig:
     reward: RewardConfig = field(default_factory=RewardConfig)
     curriculum: CurriculumConfig = field(default_factory=CurriculumConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    prompt: PromptConfig = field(default_factory=PromptConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     collapse: CollapseConfig = field(default_factory=CollapseConfig)
@@ -394,6 +419,8 @@ def check_config(cfg: TrainConfig) -> None:
     require("reward.repeat_penalty", rw.repeat_penalty,
             math.isfinite(rw.repeat_penalty) and rw.repeat_penalty >= 0,
             "a number >= 0 (it is subtracted from the reward)")
+    require("reward.format_weight", rw.format_weight, math.isfinite(rw.format_weight),
+            "a finite number")
     require("rollout.dtype", ro.dtype, ro.dtype in ENGINE_DTYPES, f"one of {list(ENGINE_DTYPES)}")
     require("backend.autocast", cfg.backend.autocast, cfg.backend.autocast in AUTOCAST_DTYPES,
             f"one of {list(AUTOCAST_DTYPES)}")

@@ -40,13 +40,14 @@ import sys
 import zlib
 from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from itertools import pairwise
 from pathlib import Path
 
 from tqdm import tqdm
 
 from .data.problems import Problem
+from .prompts import RAW, PromptFormat, prompt_format
 from .rewards.verify import get_verifier
 from .rollout.engine import SamplingParams
 from .rollout.samples import generate_groups
@@ -54,6 +55,7 @@ from .rollout.samples import generate_groups
 FORMS = ("multiple_choice", "true_false", "proof")
 GUESS_PREFIX = {"modsum": "answer "}  # task -> guess prefix; other tasks: DEFAULT_GUESS_PREFIX
 DEFAULT_GUESS_PREFIX = "\nFinal answer: \\boxed{"
+TAGS_GUESS_PREFIX = "</think> <answer> "  # prompt formats with an <answer> block (r1_zero)
 
 _WRAPPER = re.compile(r"\\(?:text|textbf|mathrm|mbox)\s*\{(.*)\}", re.DOTALL)
 _TRUE_FALSE = {"true", "false", "yes", "no", "correct", "incorrect"}
@@ -130,9 +132,14 @@ class Annotation:
     level: int | None = None
 
 
-def guess_prefix(problem: Problem, override: str | None = None) -> str:
-    return override if override is not None else GUESS_PREFIX.get(problem.task,
-                                                                   DEFAULT_GUESS_PREFIX)
+def guess_prefix(problem: Problem, override: str | None = None, answer: str = "final") -> str:
+    """The text a guess starts with: `override`, else per task, or (answer location
+    "tags") the closed reasoning and an opened answer block."""
+    if override is not None:
+        return override
+    if answer == "tags":
+        return TAGS_GUESS_PREFIX
+    return GUESS_PREFIX.get(problem.task, DEFAULT_GUESS_PREFIX)
 
 
 def check_settings(d) -> list[float]:
@@ -156,8 +163,13 @@ def check_settings(d) -> list[float]:
 
 
 def annotate(engine, tokenizer, problems: Sequence[Problem], d, max_new_tokens: int,
-             repeat=None, progress: bool = True) -> list[Annotation]:
-    """Steps 1-4 of the module doc for every problem, in order; `d` is a DifficultyConfig."""
+             repeat=None, progress: bool = True, fmt: PromptFormat | None = None
+             ) -> list[Annotation]:
+    """Steps 1-4 of the module doc for every problem, in order; `d` is a DifficultyConfig,
+    `fmt` the prompt format (default raw): guesses follow its prompt, and verifiers read
+    the answer where it puts it."""
+    fmt = fmt or RAW
+    where = fmt.answer_location
     thresholds = check_thresholds(d.thresholds)
     out = [Annotation(p) for p in problems]
     for a in out:
@@ -170,13 +182,12 @@ def annotate(engine, tokenizer, problems: Sequence[Problem], d, max_new_tokens: 
         bar = tqdm(total=len(todo), desc=name, disable=not progress, leave=False)
         for call, lo in enumerate(range(0, len(todo), per_call)):
             chunk = todo[lo:lo + per_call]
-            asked = [replace(a.problem, prompt=a.problem.prompt + prefix(a.problem))
-                     for a in chunk]
+            asked = [a.problem for a in chunk]
             params = SamplingParams(d.temperature, d.top_p, repeat=repeat,
                                     seed=call_seed(d.seed, name, call))
-            samples = generate_groups(engine, tokenizer, asked, k, tokens, params)
-            hits = count_correct([a.problem for a in chunk], [s.text for s in samples], k,
-                                 prefix=prefix)
+            samples = generate_groups(engine, tokenizer, asked, k, tokens, params, fmt, prefix)
+            hits = count_correct(asked, [s.text for s in samples], k,
+                                 lambda task: get_verifier(task, answer=where), prefix)
             for a, c in zip(chunk, hits, strict=True):
                 if name == "guess":
                     a.guessed = c
@@ -189,7 +200,7 @@ def annotate(engine, tokenizer, problems: Sequence[Problem], d, max_new_tokens: 
 
     if d.guess_tries:
         phase("guess", [a for a in out if a.dropped is None], d.guess_tries,
-              d.guess_max_new_tokens, lambda p: guess_prefix(p, d.guess_prefix))
+              d.guess_max_new_tokens, lambda p: guess_prefix(p, d.guess_prefix, where))
     phase("sample", [a for a in out if a.dropped is None], d.samples, max_new_tokens,
           lambda p: "")
     return out
@@ -293,7 +304,7 @@ def run_difficulty(cfg) -> dict:
     engine = build_engine(cfg, policy, tokenizer)
     tokens = d.max_new_tokens or cfg.rollout.max_new_tokens
     annotations = annotate(engine, tokenizer, problems, d, tokens,
-                           repeat_detection(cfg.rollout), cfg.progress)
+                           repeat_detection(cfg.rollout), cfg.progress, prompt_format(cfg))
     rep = report(annotations, thresholds)
     output = Path(d.output)
     rep = {"input": cfg.data.path or f"data.task={cfg.data.task}", "output": str(output),

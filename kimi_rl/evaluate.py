@@ -17,24 +17,26 @@ from .build import build_engine, build_policy
 from .config import TrainConfig
 from .data import load_task, modsum
 from .data.problems import Problem
+from .prompts import RAW, PromptFormat, prompt_format
 from .rewards.code import extract_program
-from .rewards.verify import final_answer, get_verifier, normalise_answer
+from .rewards.verify import answer_view, final_answer, get_verifier, normalise_answer
 from .rollout.engine import RolloutEngine, SamplingParams
 from .rollout.samples import generate_groups
 
 
 def evaluate(engine: RolloutEngine, tokenizer: PreTrainedTokenizerBase,
              problems: Sequence[Problem], max_new_tokens: int,
-             params: SamplingParams | None = None) -> dict:
+             params: SamplingParams | None = None, fmt: PromptFormat | None = None) -> dict:
     """Accuracy per level (one response per problem) and the mean token length of the
-    correct responses per level. Returns {"accuracy": {level: acc}, "correct_length":
-    {level: mean}, "samples": [...]}."""
+    correct responses per level, prompts in the prompt format `fmt` (default raw). Returns
+    {"accuracy": {level: acc}, "correct_length": {level: mean}, "samples": [...]}."""
     params = params or SamplingParams(greedy=True)
-    samples = generate_groups(engine, tokenizer, problems, 1, max_new_tokens, params)
+    fmt = fmt or RAW
+    samples = generate_groups(engine, tokenizer, problems, 1, max_new_tokens, params, fmt)
     hits: dict[int, list[float]] = defaultdict(list)
     lengths: dict[int, list[int]] = defaultdict(list)
     for s in samples:
-        ok = get_verifier(s.problem.task)(s.problem, s.text)
+        ok = get_verifier(s.problem.task, answer=fmt.answer_location)(s.problem, s.text)
         hits[s.problem.level].append(ok)
         if ok:
             lengths[s.problem.level].append(len(s.tokens))
@@ -99,7 +101,8 @@ def by_level(problems: Sequence[Problem], values: Sequence[float]) -> dict[str, 
 
 def sampled_metrics(engine: RolloutEngine, tokenizer: PreTrainedTokenizerBase,
                     problems: Sequence[Problem], n: int, ks: Sequence[int],
-                    max_new_tokens: int, params: SamplingParams) -> dict:
+                    max_new_tokens: int, params: SamplingParams,
+                    fmt: PromptFormat | None = None) -> dict:
     """pass@k and maj@k from n sampled responses per problem (one engine call), per level
     and over all problems: {"pass@k": {"k": {"level": v, ..., "all": v}}, "maj@k": ...}.
 
@@ -107,13 +110,15 @@ def sampled_metrics(engine: RolloutEngine, tokenizer: PreTrainedTokenizerBase,
     maj@k: a majority vote over the final answers of the first k responses, scored by the
     verifier on the first of them that carries the voted answer (0 if none has an answer).
     """
-    samples = generate_groups(engine, tokenizer, problems, n, max_new_tokens, params)
+    fmt = fmt or RAW
+    where = fmt.answer_location
+    samples = generate_groups(engine, tokenizer, problems, n, max_new_tokens, params, fmt)
     pass_k: dict[int, list[float]] = {k: [] for k in ks}
     maj_k: dict[int, list[float]] = {k: [] for k in ks}
     for i, p in enumerate(problems):
         texts = [s.text for s in samples[i * n:(i + 1) * n]]
-        scores = [get_verifier(p.task)(p, t) for t in texts]
-        answers = [answer_extractor(p.task)(t) for t in texts]
+        scores = [get_verifier(p.task, answer=where)(p, t) for t in texts]
+        answers = [answer_extractor(p.task)(answer_view(t, p.task, where)) for t in texts]
         correct = sum(x == 1.0 for x in scores)
         for k in ks:
             pass_k[k].append(pass_at_k(n, correct, k))
@@ -151,21 +156,24 @@ def run_evaluation(cfg, out_dir) -> dict:
     problems = task.test or task.train
     if not task.test:
         print(f"no held-out problems: evaluating on all {len(problems)} problems")
-    if cfg.eval.checkpoint:
+    fmt = prompt_format(cfg)
+    if cfg.eval.checkpoint:  # the run's own prompt format
         state = checkpoint.load(checkpoint.latest(cfg.eval.checkpoint))
         saved = OmegaConf.merge(OmegaConf.structured(TrainConfig), state["config"])
         policy, tokenizer = build_policy(saved, task)
         policy.load_state_dict(state["policy"])
+        fmt = prompt_format(saved)
+        cfg = OmegaConf.merge(cfg, {"prompt": saved.prompt})
     else:
         policy, tokenizer = build_policy(cfg, task)
     engine = build_engine(cfg, policy, tokenizer)
-    result = evaluate(engine, tokenizer, problems, cfg.eval.max_new_tokens)
+    result = evaluate(engine, tokenizer, problems, cfg.eval.max_new_tokens, fmt=fmt)
     print(format_accuracy("held-out accuracy", result["accuracy"]))
     out = {"accuracy": result["accuracy"], "correct_length": result["correct_length"]}
     if n:
         params = SamplingParams(cfg.rollout.temperature, cfg.rollout.top_p, seed=cfg.eval.seed)
         metrics = sampled_metrics(engine, tokenizer, problems, n, ks,
-                                  cfg.eval.max_new_tokens, params)
+                                  cfg.eval.max_new_tokens, params, fmt)
         print(f"{n} samples per problem (temperature {params.temperature}, "
               f"top_p {params.top_p}), %:")
         print(format_metrics(metrics))

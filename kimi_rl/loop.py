@@ -43,6 +43,7 @@ from .evaluate import evaluate, format_accuracy
 from .logging import RunLogger
 from .policy.packing import pack
 from .preemption import Preempted, Preemption
+from .prompts import prompt_format
 from .rewards.length import length_penalty_weight
 from .rewards.repetition import RepeatDetection
 from .rewards.verify import get_verifier
@@ -84,15 +85,17 @@ def train(cfg: TrainConfig, run_dir: str | Path, preempt: Preemption | None = No
     params = SamplingParams(cfg.rollout.temperature, cfg.rollout.top_p,
                             repeat=repeat_detection(cfg.rollout))
     demo_pairs = task.demonstrations(cfg.data.check_prob, cfg.seed)
-    demos, heldout = split_heldout(encode_demos(tokenizer, demo_pairs), cfg.sft.heldout, cfg.seed)
+    fmt = prompt_format(cfg)  # how problems are prompted: rollouts, SFT, evaluation
+    demos, heldout = split_heldout(encode_demos(tokenizer, demo_pairs, fmt), cfg.sft.heldout,
+                                   cfg.seed)
     demo_counts = dict(Counter(p.level for p, _ in demo_pairs))
 
     def run_eval(title: str, key: str) -> dict[int, float]:
         """Greedy held-out accuracy per level, and (sampled) lengths of correct responses."""
-        greedy = evaluate(engine, tokenizer, task.test, cfg.eval.max_new_tokens)
+        greedy = evaluate(engine, tokenizer, task.test, cfg.eval.max_new_tokens, fmt=fmt)
         sampled = evaluate(engine, tokenizer, task.test, cfg.eval.max_new_tokens,
                            SamplingParams(cfg.rollout.temperature, cfg.rollout.top_p,
-                                          seed=cfg.seed))
+                                          seed=cfg.seed), fmt)
         summary[key] = greedy["accuracy"]
         summary.setdefault("sampled_accuracy", {})[key] = sampled["accuracy"]
         summary.setdefault("correct_length", {})[key] = sampled["correct_length"]
@@ -234,11 +237,13 @@ def rl_iteration(it, cfg, policy, engine, sampler, algo, tokenizer, by_id, param
     t1 = time.perf_counter()
     weight = length_penalty_weight(it, cfg.reward.length_penalty_weight,
                                    cfg.reward.length_penalty_warmup)
+    fmt = prompt_format(cfg)
     for task in {s.problem.task for s in samples}:  # code: in parallel sandboxes
         score_groups([s for s in samples if s.problem.task == task],
-                     get_verifier(task, cfg.reward), weight,
+                     get_verifier(task, cfg.reward, fmt.answer_location), weight,
                      cfg.reward.repeat_penalty, cfg.reward.truncated_reward,
-                     only_solved=cfg.reward.length_penalty_groups == "solved")
+                     only_solved=cfg.reward.length_penalty_groups == "solved",
+                     fmt=fmt, format_weight=cfg.reward.format_weight)
     sampler.update((s.problem.id, s.correct) for s in samples)
     t2 = time.perf_counter()
     masks = loss_masks(cfg.rollout, samples, it)
@@ -293,7 +298,7 @@ def build_rollouts(cfg: TrainConfig) -> PartialRollouts:
         cfg.rollout.group_size, cfg.rollout.problems_per_iteration * cfg.rollout.group_size,
         budget=pr.budget if pr.enabled else None,
         max_trajectory_age=pr.max_trajectory_age if pr.enabled else None,
-        stale=pr.stale_trajectories, refill=pr.refill)
+        stale=pr.stale_trajectories, refill=pr.refill, prompt=prompt_format(cfg))
 
 
 def loss_masks(rollout: RolloutConfig, samples: list[Sample], it: int) -> list[list[bool]]:
@@ -451,6 +456,8 @@ def rollout_metrics(samples: list[Sample], weight: float) -> dict[str, float]:
             np.mean([s.finish_reason == "repeat" for s in samples])),
         "length_penalty/weight": weight,
         "length_penalty/contribution": float(np.mean([weight * s.length_reward for s in samples])),
+        # R1's format reward: the share of responses that follow the prompt format
+        "reward/format": float(np.mean([s.format_reward for s in samples])),
     }
     correct = [len(s.tokens) for s in samples if s.correct == 1.0]
     if correct:

@@ -23,17 +23,22 @@ from .config import SFTConfig
 from .data.problems import Problem
 from .policy.hf import HFPolicy
 from .policy.packing import pack
+from .prompts import RAW, PromptFormat
 from .rollout.samples import encode_prompt
 
 Demo = tuple[list[int], list[int]]  # (prompt ids, response ids + EOS)
 
 
-def encode_demos(tokenizer: PreTrainedTokenizerBase, demos: Sequence[tuple[Problem, str]]
-                 ) -> list[Demo]:
-    """(prompt ids, response ids + EOS) per demonstration."""
-    eos = tokenizer.eos_token_id
+def encode_demos(tokenizer: PreTrainedTokenizerBase, demos: Sequence[tuple[Problem, str]],
+                 fmt: PromptFormat | None = None) -> list[Demo]:
+    """(prompt ids, response ids + end) per demonstration, the prompt in the run's format;
+    the end is the token that ends a response in that format: the chat template's
+    end-of-turn token with `chat`, else EOS."""
+    fmt = fmt or RAW
+    end = fmt.end_token_id(tokenizer)
     return [
-        (encode_prompt(tokenizer, p), tokenizer(text, add_special_tokens=False).input_ids + [eos])
+        (encode_prompt(tokenizer, p, fmt),
+         tokenizer(text, add_special_tokens=False).input_ids + [end])
         for p, text in demos
     ]
 

@@ -384,3 +384,25 @@ def test_tokenizer_mismatch_fails_at_start(engines, tok, tied_model, tmp_path):
     bigger.save_pretrained(tmp_path)
     with pytest.raises(ValueError, match="tokenizer mismatch.*vocabulary size is 45 in the engine"):
         VllmEngine(tied_model, tok, CFG, model_path=str(tmp_path))
+
+
+def test_end_of_turn_stops_the_vllm_engine(engines):
+    """With a chat prompt format, the template's end-of-turn token (<|im_end|>) ends a
+    response although the tokenizer's EOS is another token (<|endoftext|>)."""
+    from test_prompt_formats import im_end_model, problem, qwen_style_tokenizer
+
+    from kimi_rl.prompts import PromptFormat
+
+    qwen = qwen_style_tokenizer()
+    fmt = PromptFormat("chat")
+    model = im_end_model(qwen)  # greedy: always token 0, <|im_end|>
+    prompt = encode_prompt(qwen, problem(), fmt)
+    greedy = SamplingParams(greedy=True)
+    engine = engines.get("im_end", lambda: VllmEngine(
+        model, qwen, CFG, seed=0, eos_token_id=fmt.stop_token_ids(qwen)))
+    [seg] = engine.generate([Request(prompt)], 6, greedy)
+    assert (seg.tokens, seg.finish_reason) == ([0], "stop")
+    engines.close()
+    engine = engines.get("im_end_eos_only", lambda: VllmEngine(model, qwen, CFG, seed=0))
+    [seg] = engine.generate([Request(prompt)], 6, greedy)
+    assert (seg.tokens, seg.finish_reason) == ([0] * 6, "length")

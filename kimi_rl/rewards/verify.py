@@ -8,7 +8,10 @@ by these rules, in this order (tests/test_verify_math.py holds the table of case
    (braces matched at any depth, `\\{` `\\}` literal, an unclosed box is no box); with no
    box, the last non-empty line if it reads `answer: X` (also `answer = X`, `Answer X`).
    A box wins over a later answer line. An answer stated earlier in the reasoning never
-   counts, nor does one that closes before the last 8 KiB of the response.
+   counts, nor does one that closes before the last 8 KiB of the response. Under a prompt
+   format whose answers go in <answer> </answer> blocks (r1_zero; `get_verifier(...,
+   answer="tags")`, `answer_view`), only the last complete block is read: a box or answer
+   line inside it as above, else the block's whole text is the final answer; no block: 0.
 2. Hedging. Every outermost box in the final box's paragraph (from the last blank line
    before it) must hold the same answer as the final box, up to whitespace, case and a
    trailing period; else 0 ("\\boxed{1} or \\boxed{2}" scores 0 whatever the reference).
@@ -320,16 +323,53 @@ def verify_reasoning_gym(problem: Problem, response: str) -> float:
     return reasoning_gym.score(problem, ans)
 
 
+def answer_view(response: str, task: str, location: str = "final") -> str:
+    """What the task's verifier reads of a response. location "final": the response (its
+    last box or final answer line counts). "tags" (prompt formats whose answer goes in
+    <answer> </answer>, e.g. r1_zero): only the last complete <answer> block of the
+    response's tail, given to the verifier as its final answer: as it is when it holds a
+    box or a final answer line (or, for code, a program), else as an `answer X` line with
+    its whitespace collapsed; no block: "" (scores 0)."""
+    if location == "final":
+        return response
+    if location != "tags":
+        raise ValueError(f"prompt.answer: unknown answer location {location!r}")
+    from ..prompts import answer_block
+
+    block = answer_block(response[-MAX_SCAN_CHARS:])
+    if block is None or not block.strip():
+        return ""
+    if task == "code" or _final(block)[0] is not None:
+        return block
+    return "answer " + " ".join(block.split())
+
+
+class AnswerIn:
+    """A verifier that reads the answer where the prompt format puts it (`answer_view`);
+    a batch verifier keeps its `batch` method."""
+
+    def __init__(self, verify: Verifier, task: str, location: str):
+        self.verify, self.task, self.location = verify, task, location
+        if hasattr(verify, "batch"):
+            self.batch = lambda problems, texts: verify.batch(
+                problems, [answer_view(t, task, location) for t in texts])
+
+    def __call__(self, problem: Problem, response: str) -> float:
+        return self.verify(problem, answer_view(response, self.task, self.location))
+
+
 VERIFIERS: dict[str, Verifier] = {"modsum": modsum.verify, "math": verify_math,
                                   "reasoning_gym": verify_reasoning_gym,
                                   "code": CodeVerifier()}  # default sandbox limits
 
 
-def get_verifier(task: str, reward: Any = None) -> Verifier:
+def get_verifier(task: str, reward: Any = None, answer: str = "final") -> Verifier:
     """The verifier of `task`; with `reward` (a RewardConfig) the code verifier uses its
-    sandbox limits and workers (it has a `batch` method: parallel sandboxes)."""
+    sandbox limits and workers (it has a `batch` method: parallel sandboxes). `answer`:
+    where the final answer is read ("final", or "tags": the <answer> block, see
+    `answer_view`; a PromptFormat's `answer_location`)."""
     if task not in VERIFIERS:
         raise ValueError(f"no verifier for task {task!r} (choose from {sorted(VERIFIERS)})")
-    if task == "code" and reward is not None:
-        return CodeVerifier.from_config(reward)
-    return VERIFIERS[task]
+    verify = (CodeVerifier.from_config(reward) if task == "code" and reward is not None
+              else VERIFIERS[task])
+    return verify if answer == "final" else AnswerIn(verify, task, answer)

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from transformers import PreTrainedTokenizerBase
 
 from ..data.problems import Problem
+from ..prompts import PromptFormat
 from .engine import Request, RolloutEngine, SamplingParams
 from .samples import Sample, encode_prompt
 
@@ -73,6 +74,7 @@ class PartialRollouts:
     max_trajectory_age: int | None = None
     stale: str = "regenerate"
     refill: bool = False
+    prompt: PromptFormat | None = None  # how problems are encoded (None: raw)
     groups: dict[int, list[Sample]] = field(default_factory=dict)  # in flight, oldest first
     next_group: int = 0
 
@@ -102,7 +104,7 @@ class PartialRollouts:
         for p in problems:
             if p.id in in_flight:
                 raise ValueError(f"problem {p.id!r} is already in flight")
-            prompt = encode_prompt(tokenizer, p)
+            prompt = encode_prompt(tokenizer, p, self.prompt)
             self.groups[self.next_group] = [
                 Sample(p, self.next_group, prompt, [], [], None, started=iteration)
                 for _ in range(self.group_size)]

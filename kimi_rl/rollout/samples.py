@@ -9,6 +9,7 @@ from transformers import PreTrainedTokenizerBase
 
 from ..config import TRUNCATED_REWARDS
 from ..data.problems import Problem
+from ..prompts import RAW, PromptFormat
 from ..rewards.length import length_rewards
 from .engine import Request, RolloutEngine, SamplingParams
 
@@ -31,6 +32,7 @@ class Sample:
     text: str = ""
     correct: float = 0.0
     length_reward: float = 0.0
+    format_reward: float = 0.0  # 1.0 if the response follows the prompt format
     reward: float = 0.0
     segments: list[tuple[int, int]] = field(default_factory=list)
     started: int = 0  # iteration of the first segment
@@ -44,15 +46,20 @@ class Sample:
         return out
 
 
-def encode_prompt(tokenizer: PreTrainedTokenizerBase, problem: Problem) -> list[int]:
-    return tokenizer(problem.prompt).input_ids
+def encode_prompt(tokenizer: PreTrainedTokenizerBase, problem: Problem,
+                  fmt: PromptFormat | None = None, response_prefix: str = "") -> list[int]:
+    """The prompt's token ids in the run's prompt format (default raw: the problem's text),
+    followed by `response_prefix`. Rollouts, SFT, evaluation and difficulty all encode here."""
+    return (fmt or RAW).encode(tokenizer, problem.prompt, response_prefix)
 
 
 def generate_groups(engine: RolloutEngine, tokenizer: PreTrainedTokenizerBase,
                     problems: Sequence[Problem], k: int, max_new_tokens: int,
-                    params: SamplingParams) -> list[Sample]:
-    """k responses per problem; samples of problem i carry group index i."""
-    prompts = [encode_prompt(tokenizer, p) for p in problems]
+                    params: SamplingParams, fmt: PromptFormat | None = None,
+                    prefix: Callable[[Problem], str] | None = None) -> list[Sample]:
+    """k responses per problem; samples of problem i carry group index i. `prefix(problem)`:
+    text each response is made to start with (part of the prompt, not of the response)."""
+    prompts = [encode_prompt(tokenizer, p, fmt, prefix(p) if prefix else "") for p in problems]
     requests = [Request(prompts[i]) for i in range(len(problems)) for _ in range(k)]
     segments = engine.generate(requests, max_new_tokens, params)
     samples = []
@@ -66,9 +73,12 @@ def generate_groups(engine: RolloutEngine, tokenizer: PreTrainedTokenizerBase,
 
 def score_groups(samples: Sequence[Sample], verify: Callable[[Problem, str], float],
                  length_weight: float, repeat_penalty: float = 0.0,
-                 truncated_reward: str = "verify", only_solved: bool = False) -> None:
+                 truncated_reward: str = "verify", only_solved: bool = False,
+                 fmt: PromptFormat | None = None, format_weight: float = 0.0) -> None:
     """Correctness from the verifier plus the weighted Kimi length reward, per group
-    (SPEC.md section 2). Fills correct, length_reward and reward in place.
+    (SPEC.md section 2), plus `format_weight` times R1's format reward (1 if the response
+    follows `fmt`, see PromptFormat.format_ok). Fills correct, length_reward, format_reward
+    and reward in place.
 
     Every response is verified, a repeat-terminated one too (it seldom has a final
     answer). A verifier with a `batch` method (the code verifier: parallel sandboxes)
@@ -88,6 +98,7 @@ def score_groups(samples: Sequence[Sample], verify: Callable[[Problem, str], flo
     groups: dict[int, list[Sample]] = {}
     for s, score in zip(samples, scores, strict=True):
         s.correct = score
+        s.format_reward = float((fmt or RAW).format_ok(s.text))
         groups.setdefault(s.group, []).append(s)
     for members in groups.values():
         lens = length_rewards([len(s.tokens) for s in members],
@@ -97,6 +108,6 @@ def score_groups(samples: Sequence[Sample], verify: Callable[[Problem, str], flo
                 s.length_reward = s.reward = 0.0
                 continue
             s.length_reward = lr
-            s.reward = s.correct + length_weight * lr
+            s.reward = s.correct + length_weight * lr + format_weight * s.format_reward
             if s.finish_reason == "repeat":
                 s.reward -= repeat_penalty

@@ -156,8 +156,10 @@ class _BufferedLayer(DynamicLayer):
 class TorchEngine:
     """Generates with its own copy of the policy weights (refreshed by update_weights)."""
 
-    def __init__(self, model: PreTrainedModel, eos_token_id: int, pad_token_id: int,
-                 seed: int = 0, max_batch_size: int = 512):
+    def __init__(self, model: PreTrainedModel, eos_token_id: int | Sequence[int],
+                 pad_token_id: int, seed: int = 0, max_batch_size: int = 512):
+        """`eos_token_id`: the token, or tokens, that end a response (finish reason "stop";
+        -1: none)."""
         self.model = model.eval()
         # decode steps of Llama-family models written out (llama_decode.py); prefill and
         # other models go through the model's forward
@@ -168,7 +170,11 @@ class TorchEngine:
         low = use_sdpa(model) and model.dtype in LOW_PRECISION and model.device.type == "cpu"
         self.whole_kv = low and self.decoder is not None
         self.kv_dtype = torch.float32 if low and not self.whole_kv else None
-        self.eos, self.pad = eos_token_id, pad_token_id
+        stops = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
+        self.stop_ids = [t for t in stops if t is not None and t >= 0]
+        self.eos = self.stop_ids[0] if self.stop_ids else -1
+        self._stops = torch.tensor(self.stop_ids, dtype=torch.long)
+        self.pad = pad_token_id
         self.max_batch_size = max_batch_size
         self.generator = torch.Generator().manual_seed(seed)
 
@@ -223,7 +229,7 @@ class TorchEngine:
             logps[active, col] = lp
             lengths[active] += 1
             step += 1
-            eos = tok == self.eos
+            eos = torch.isin(tok, self._stops.to(tok.device))
             for i in active[eos].tolist():
                 reason[i] = "stop"
             done = eos

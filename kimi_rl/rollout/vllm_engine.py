@@ -10,7 +10,8 @@ onto vLLM:
   so the worker's sampler computes its raw logprobs on the tempered logits
   (`WorkerExtension.kimi_tempered_logprobs`). Greedy decoding at a temperature other than 1
   samples at that temperature with top_k=1 (the argmax) so the logprob is tempered too.
-- Stop reasons: EOS is the trainer tokenizer's EOS only (`ignore_eos` + `stop_token_ids`);
+- Stop reasons: the trainer's stop tokens only (its tokenizer's EOS and, with a chat prompt
+  format, the template's end-of-turn token: `ignore_eos` + `stop_token_ids`);
   repeat detection runs on every new token in the step loop and aborts the request at the
   first loop (the tokens are those the torch engine stops at); `max_steps` aborts running
   requests after that many engine steps ("length") and leaves queued ones "pending".
@@ -235,13 +236,18 @@ class VllmEngine:
 
     def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
                  cfg: VllmConfig, seed: int = 0, max_batch_size: int = 512,
-                 model_path: str | None = None, eos_token_id: int | None = None,
+                 model_path: str | None = None,
+                 eos_token_id: int | Sequence[int] | None = None,
                  dtype: str = "float32"):
         self.cfg, self.dtype = cfg, dtype
-        # the stop token: the tokenizer's EOS, or `eos_token_id` (-1: none, every response
-        # runs to its token limit). `dtype`: the engine's weights and activations
+        # the stop tokens: the tokenizer's EOS, or `eos_token_id` (one or several, e.g. EOS
+        # and a chat template's end-of-turn token; -1: none, every response runs to its
+        # token limit). `dtype`: the engine's weights and activations
         # (float32 | bfloat16 | float16 | auto)
-        self.eos = tokenizer.eos_token_id if eos_token_id is None else eos_token_id
+        stops = (tokenizer.eos_token_id if eos_token_id is None else eos_token_id)
+        stops = [stops] if stops is None or isinstance(stops, int) else list(stops)
+        self.stop_ids = [t for t in stops if t is not None and t >= 0]
+        self.eos = self.stop_ids[0] if self.stop_ids else -1
         self.max_batch_size = max_batch_size
         self.generator = torch.Generator().manual_seed(seed)
         self.tied = bool(getattr(model.config, "tie_word_embeddings", False))
@@ -356,7 +362,7 @@ class VllmEngine:
         else:
             sampling = dict(temperature=params.temperature, top_p=params.top_p)
         return VllmSampling(**sampling, max_tokens=limit, seed=seed, logprobs=0,
-                            ignore_eos=True, stop_token_ids=[self.eos] if self.eos >= 0 else [],
+                            ignore_eos=True, stop_token_ids=list(self.stop_ids),
                             detokenize=False,
                             output_kind=RequestOutputKind.DELTA)
 
@@ -418,7 +424,7 @@ class VllmEngine:
         for j, tok in enumerate(new):
             tokens[i].append(int(tok))
             logps[i].append(float(logprobs[j][tok].logprob))
-            if tok == self.eos:
+            if tok in self.stop_ids:
                 reason[i] = "stop"
                 return True
             if tracker is not None and bool(tracker.push(torch.tensor([i]),
