@@ -11,7 +11,7 @@ from torch.utils.checkpoint import checkpoint
 from transformers import PreTrainedModel
 
 from ..config import AlgoConfig, BackendConfig
-from .attention import use_sdpa
+from ..attention import use_sdpa
 from .packing import PackedBatch
 
 LossFn = Callable[[Tensor, PackedBatch], tuple[Tensor, dict[str, float]]]
