@@ -15,9 +15,22 @@ changes, each found by profiling on CPUs (figures on 2 AMD EPYC cores with AVX-5
 - otherwise, under autocast on CPU, attention runs in float32 with torch's kernel (its
   bfloat16 backward is slower), the projections around it in bfloat16.
 
+Packed rows (`Segments`, the `packed` keyword of the attention call): the hf policy's
+training rows hold several sequences end to end. Each segment of a row (a sequence, or
+with shared prompts a prompt or one of its responses) attends causally to itself and,
+for a response, to all of its prompt; `packed_attention` computes exactly that, per
+segment, so memory is linear in the row length and the work is the sum of the segments'
+causal attention (transformers' block-diagonal [rows, 1, L, L] mask is never built):
+flash-attn's varlen kernel on GPUs when it is installed, else short low-precision
+segments batched into matmul attention and the rest one by one through torch's causal
+kernel. Which kernel a (batch, heads, queries, keys) shape takes is `use_matmul`'s rule,
+the same for every caller.
+
 Everything else is transformers' own function."""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -31,6 +44,17 @@ LOW_PRECISION = (torch.bfloat16, torch.float16)  # dtypes whose CPU attention ta
 # largest score matrix (batch x heads x queries x keys elements) computed by matmuls; above
 # it torch's kernel, which never holds the whole matrix
 MATMUL_SCORES_MAX = 1 << 24
+
+
+def use_matmul(query: Tensor, batch: int, heads: int, queries: int, keys: int) -> bool:
+    """The one rule for matmul attention: on CPU in a low precision (the queries' dtype or
+    autocast), for one query (a decode step) or a score matrix of at most
+    MATMUL_SCORES_MAX elements (batch x heads x queries x keys); elsewhere torch's kernel."""
+    if query.device.type != "cpu":
+        return False
+    if not (torch.is_autocast_enabled("cpu") or query.dtype in LOW_PRECISION):
+        return False
+    return queries == 1 or batch * heads * queries * keys <= MATMUL_SCORES_MAX
 
 
 def matmul_attention(query: Tensor, key: Tensor, value: Tensor, mask: Tensor | None,
@@ -61,13 +85,16 @@ def sdpa(module: torch.nn.Module, query: Tensor, key: Tensor, value: Tensor,
          attention_mask: Tensor | None, **kwargs) -> tuple[Tensor, None]:
     """transformers' attention-function signature: [B, H, Lq, D] queries, [B, KV, Lk, D]
     keys and values; returns [B, Lq, H, D]."""
+    if kwargs.get("packed") is not None:  # packed rows: the mask is a stand-in (Segments)
+        if kwargs.get("dropout"):
+            raise ValueError("packed attention: attention dropout is not supported")
+        return packed_attention(query, key, value, kwargs["packed"], kwargs.get("scaling")), None
     cpu = query.device.type == "cpu"
     autocast = cpu and torch.is_autocast_enabled("cpu")
     B, H, Lq, _ = query.shape
-    if (cpu and (autocast or query.dtype in LOW_PRECISION) and not kwargs.get("dropout")
+    if (use_matmul(query, B, H, Lq, key.shape[2]) and not kwargs.get("dropout")
             and (attention_mask is None or (attention_mask.dtype == torch.bool
                                             and attention_mask.shape[-3] == 1))
-            and (Lq == 1 or B * H * Lq * key.shape[2] <= MATMUL_SCORES_MAX)
             and kwargs.get("position_bias") is None and kwargs.get("cache") is None):
         # decode steps in the keys' dtype (a low-precision engine keeps a float32 cache:
         # torch_engine.py); under autocast its dtype; the output in the dtype that follows
@@ -94,6 +121,197 @@ def sdpa(module: torch.nn.Module, query: Tensor, key: Tensor, value: Tensor,
                                          dropout_p=kwargs.get("dropout", 0.0),
                                          scale=kwargs.get("scaling"), enable_gqa=True)
     return out.transpose(1, 2).contiguous(), None
+
+
+# a segment with a prefix (a shared prompt's response) attends in query chunks whose
+# explicit mask [chunk, keys] has at most this many elements
+PREFIX_MASK_MAX = 1 << 22
+# short segments batched into one matmul-attention call are at least this fraction of the
+# longest of their call (padding waste)
+BUCKET_RATIO = 0.8
+
+
+@dataclass
+class Segments:
+    """The segments of packed rows [R, L], in flat positions (row r, slot t: r x L + t).
+    `cu_seqlens` [S+1]: the boundaries, every slot of every row covered in order (a row's
+    padding tail is a segment of its own); `prefix` [S] (None: no segment has one): the
+    segment whose keys segment s sees in full before its own (its shared prompt), -1 for
+    none. Query i of a segment sees its prefix and its own keys 0..i."""
+
+    cu_seqlens: Tensor
+    prefix: Tensor | None = None
+
+    def __post_init__(self):
+        cu = self.cu_seqlens.tolist()
+        pre = [-1] * (len(cu) - 1) if self.prefix is None else self.prefix.tolist()
+        # (start, end, prefix start, prefix end) per non-empty segment
+        self.spans = [(cu[s], cu[s + 1], *((cu[p], cu[p + 1]) if p >= 0 else (0, 0)))
+                      for s, p in enumerate(pre) if cu[s + 1] > cu[s]]
+        self._plans: dict = {}
+
+    def plan(self, query: Tensor) -> tuple[list[list[tuple]], list[tuple]]:
+        """The spans batched into matmul-attention calls (`use_matmul` for each span's
+        shape; similar lengths, at most MATMUL_SCORES_MAX scores a call) and the rest,
+        for queries like `query` ([R, H, L, D]); cached per heads and precision."""
+        key = (query.shape[1], query.dtype, query.device.type,
+               torch.is_autocast_enabled(query.device.type))
+        if key not in self._plans:
+            H = query.shape[1]
+            short = sorted((sp for sp in self.spans
+                            if use_matmul(query, 1, H, sp[1] - sp[0],
+                                          sp[1] - sp[0] + sp[3] - sp[2])),
+                           key=lambda sp: -(sp[1] - sp[0] + sp[3] - sp[2]))
+            buckets: list[list[tuple]] = []
+            qmax = kmax = 0
+            for sp in short:
+                n, k = sp[1] - sp[0], sp[1] - sp[0] + sp[3] - sp[2]
+                q2 = max(qmax, n)
+                if (buckets and k >= BUCKET_RATIO * kmax
+                        and (len(buckets[-1]) + 1) * H * q2 * kmax <= MATMUL_SCORES_MAX):
+                    buckets[-1].append(sp)
+                    qmax = q2
+                else:
+                    buckets.append([sp])
+                    qmax, kmax = n, k
+            taken = {sp for b in buckets for sp in b}
+            self._plans[key] = (buckets, [sp for sp in self.spans if sp not in taken])
+        return self._plans[key]
+
+
+def _prefix_mask(queries: int, prefix: int, offset: int, device) -> Tensor:
+    """bool [queries, prefix + offset + queries]: query i (the segment's query offset + i)
+    sees the prefix's keys and the segment's keys 0..offset + i."""
+    keys = torch.arange(prefix + offset + queries, device=device)
+    return keys <= (prefix + offset + torch.arange(queries, device=device))[:, None]
+
+
+def causal_attention(query: Tensor, key: Tensor, value: Tensor, scale: float | None,
+                     prefix: int = 0) -> Tensor:
+    """One segment: [B, H, Lq, D] queries over [B, KV, prefix + Lq, D] keys and values,
+    query i seeing the first `prefix` keys and the next i + 1. `use_matmul` shapes take
+    matmul attention; otherwise torch's kernel, causal without a mask (no prefix) or in
+    query chunks with a [chunk, keys] mask (PREFIX_MASK_MAX); under CPU autocast in
+    float32, as `sdpa`. Returns [B, Lq, H, D]."""
+    B, H, Lq, _ = query.shape
+    autocast = query.device.type == "cpu" and torch.is_autocast_enabled("cpu")
+    if use_matmul(query, B, H, Lq, key.shape[2]):
+        dtype = torch.get_autocast_dtype("cpu") if autocast else key.dtype
+        mask = _prefix_mask(Lq, prefix, 0, query.device)[None, None] if prefix else None
+        with torch.autocast("cpu", enabled=False):
+            out = matmul_attention(query, key, value, mask, scale, dtype, causal=not prefix)
+        return out.to(dtype if autocast else query.dtype)
+    if autocast:
+        with torch.autocast("cpu", enabled=False):
+            out = causal_attention(query.float(), key.float(), value.float(), scale, prefix)
+        return out.to(torch.get_autocast_dtype("cpu"))
+    gqa = key.shape[1] != H
+    if not prefix:
+        return F.scaled_dot_product_attention(query, key, value, is_causal=True, scale=scale,
+                                              enable_gqa=gqa).transpose(1, 2)
+    chunk = max(1, PREFIX_MASK_MAX // key.shape[2])
+    outs = []
+    for a in range(0, Lq, chunk):
+        b = min(a + chunk, Lq)
+        outs.append(F.scaled_dot_product_attention(
+            query[:, :, a:b], key[:, :, :prefix + b], value[:, :, :prefix + b],
+            attn_mask=_prefix_mask(b - a, prefix, a, query.device), scale=scale,
+            enable_gqa=gqa))
+    return torch.cat(outs, 2).transpose(1, 2)
+
+
+def _bucket_attention(query: Tensor, key: Tensor, value: Tensor, spans: list[tuple],
+                      scale: float | None) -> tuple[Tensor, Tensor]:
+    """Spans of similar length in one matmul-attention call, each padded to the longest
+    (pad queries repeat the last one; pad keys are masked). Returns the flat positions of
+    the spans' queries and their outputs [n, H, D]."""
+    L, dev = query.shape[2], query.device
+    qpos, kpos, nq, nk = [], [], [], []
+    for a, b, pa, pb in spans:
+        qpos.append(list(range(a, b)))
+        kpos.append(list(range(pa, pb)) + list(range(a, b)))
+        nq.append(b - a)
+        nk.append(b - a + pb - pa)
+    qm, km = max(nq), max(nk)
+    qidx = torch.tensor([q + [q[-1]] * (qm - len(q)) for q in qpos], device=dev)
+    kidx = torch.tensor([k + [k[-1]] * (km - len(k)) for k in kpos], device=dev)
+    nq_t, nk_t = torch.tensor(nq, device=dev), torch.tensor(nk, device=dev)
+    rows = qidx[:, :1] // L
+
+    def gather(t, idx):  # [R, heads, L, D] at flat positions [S, n] -> [S, heads, n, D]
+        return t[rows, :, idx % L].transpose(1, 2)
+
+    i = torch.arange(qm, device=dev)[:, None]
+    j = torch.arange(km, device=dev)
+    # query i of span s sees its key j when j <= prefix_s + i, keys past the span's masked
+    mask = (j <= (nk_t - nq_t)[:, None, None] + i) & (j < nk_t[:, None, None])
+    autocast = query.device.type == "cpu" and torch.is_autocast_enabled("cpu")
+    dtype = torch.get_autocast_dtype("cpu") if autocast else key.dtype
+    with torch.autocast("cpu", enabled=False):
+        out = matmul_attention(gather(query, qidx), gather(key, kidx), gather(value, kidx),
+                               mask[:, None], scale, dtype)
+    valid = i[:, 0] < nq_t[:, None]
+    return qidx[valid], out[valid].to(dtype if autocast else query.dtype)
+
+
+def _flash_varlen():
+    """flash-attn's varlen kernel, or None where it is not installed."""
+    try:
+        from flash_attn import flash_attn_varlen_func
+    except ImportError:
+        return None
+    return flash_attn_varlen_func
+
+
+def _flash_attention(fn, query: Tensor, key: Tensor, value: Tensor, segments: Segments,
+                     scale: float | None, dtype: torch.dtype) -> Tensor:
+    """All segments in one varlen call (flash-attn's causal mask is bottom-right aligned:
+    with a segment's keys = its prefix's then its own, query i sees prefix + i + 1 keys)."""
+    R, H, L, D = query.shape
+    flat = [t.transpose(1, 2).reshape(R * L, t.shape[1], D).to(dtype)
+            for t in (query, key, value)]
+    spans = segments.spans
+    cu_q = torch.tensor([0] + [b - a for a, b, _, _ in spans], device=query.device).cumsum(0)
+    qidx = torch.cat([torch.arange(a, b) for a, b, _, _ in spans]).to(query.device)
+    kidx = torch.cat([torch.cat([torch.arange(pa, pb), torch.arange(a, b)])
+                      for a, b, pa, pb in spans]).to(query.device)
+    cu_k = torch.tensor([0] + [b - a + pb - pa for a, b, pa, pb in spans],
+                        device=query.device).cumsum(0)
+    out = fn(flat[0][qidx], flat[1][kidx], flat[2][kidx], cu_q.int(), cu_k.int(),
+             int((cu_q[1:] - cu_q[:-1]).max()), int((cu_k[1:] - cu_k[:-1]).max()),
+             softmax_scale=scale, causal=True)
+    return out.new_zeros(R * L, H, D).index_copy(0, qidx, out).view(R, L, H, D)
+
+
+def packed_attention(query: Tensor, key: Tensor, value: Tensor, segments: Segments,
+                     scale: float | None) -> Tensor:
+    """Causal attention within each segment of packed rows (module docstring): [R, H, L,
+    D] queries, [R, KV, L, D] keys and values; returns [R, L, H, D]. No [L, L] tensor:
+    per span (or batch of short spans) at most its own scores."""
+    R, H, L, D = query.shape
+    if query.is_cuda and (fn := _flash_varlen()) is not None:
+        dtype = (torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda")
+                 else query.dtype)
+        if dtype in LOW_PRECISION:
+            return _flash_attention(fn, query, key, value, segments, scale, dtype)
+    buckets, single = segments.plan(query)
+    idx, outs = [], []
+    for spans in buckets:
+        i, o = _bucket_attention(query, key, value, spans, scale)
+        idx.append(i)
+        outs.append(o)
+    for a, b, pa, pb in single:  # flat positions; a prefix lies in its segment's row
+        r = a // L
+        own = slice(a - r * L, b - r * L)
+        k, v = key[r:r + 1, :, own], value[r:r + 1, :, own]
+        if pb > pa:
+            pre = slice(pa - r * L, pb - r * L)
+            k = torch.cat([key[r:r + 1, :, pre], k], 2)
+            v = torch.cat([value[r:r + 1, :, pre], v], 2)
+        outs.append(causal_attention(query[r:r + 1, :, own], k, v, scale, pb - pa)[0])
+        idx.append(torch.arange(a, b, device=query.device))
+    vals = torch.cat(outs)
+    return vals.new_zeros(R * L, H, D).index_copy(0, torch.cat(idx), vals).view(R, L, H, D)
 
 
 AttentionInterface.register(SDPA, sdpa)
