@@ -10,8 +10,8 @@ from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 from transformers import PreTrainedModel
 
-from ..config import AlgoConfig, BackendConfig
 from ..attention import Segments, use_sdpa
+from ..config import AlgoConfig, BackendConfig
 from .packing import PackedBatch, dense_mask
 
 LossFn = Callable[[Tensor, PackedBatch], tuple[Tensor, dict[str, float]]]

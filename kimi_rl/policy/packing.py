@@ -10,10 +10,11 @@ Shared prompts (`share_prompts`): the samples of a group have the same prompt, a
 forward pass is the same for each of them. A unit [prompt, response 1, ..., response n]
 computes it once: response j's positions continue from the prompt's, and its segment
 names the prompt's as its prefix (`segment_prefix`): its tokens see the prompt and
-response j's own earlier tokens only, so every logprob is the one of the sequence [prompt, response j] alone (the gradient
-too: the prompt's activations receive the sum over the responses). A group is shared when
-its prompt is at least as long as its responses on average (the prompt tokens saved then
-outweigh the larger attention blocks), in units of at most SHARE_ROW_FACTOR times the
+response j's own earlier tokens only, so every logprob is the one of the sequence
+[prompt, response j] alone (the gradient too: the prompt's activations receive the sum
+over the responses). A group is shared when its prompt is at least as long as its
+responses on average (the prompt tokens saved then outweigh the prompt keys each response
+reads again), in units of at most SHARE_ROW_FACTOR times the
 longest sequence.
 """
 
@@ -165,7 +166,7 @@ def pack(
                     prompt_segment = len(prefix)
                     cu.append(r * row_len + at)
                     prefix.append(-1)
-                for j, i in enumerate(units[u], start=1):
+                for i in units[u]:
                     resp = responses[i]
                     mask = loss_masks[i] if loss_masks is not None else [True] * len(resp)
                     ids[r, at:at + len(resp)] = torch.tensor(list(resp), dtype=torch.long)
