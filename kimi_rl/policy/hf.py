@@ -122,7 +122,11 @@ class HFPolicy:
             extra = {"attention_mask": torch.empty((rows, 1, 0, 0), dtype=torch.bool),
                      "packed": Segments(batch.cu_seqlens, batch.segment_prefix)}
         else:
-            extra = {"attention_mask": dense_mask(batch).to(weight.device)}
+            mask = dense_mask(batch).to(weight.device)
+            if self.cfg.attn_implementation == "eager":  # eager adds its mask to the scores
+                mask = torch.zeros(mask.shape, dtype=weight.dtype, device=weight.device
+                                   ).masked_fill_(~mask, torch.finfo(weight.dtype).min)
+            extra = {"attention_mask": mask}
         with (torch.autocast(weight.device.type, dtype=getattr(torch, ac)) if ac
               else contextlib.nullcontext()):
             hidden = body(input_ids=batch.input_ids, position_ids=batch.position_ids,
