@@ -15,7 +15,7 @@ peak resident memory after generation shows the KV cache's growth.
     python bench/long_context.py [--lengths 8192 16384 32768] [--contexts 1024 ... 32768]
                                  [--decode-steps 8] [--quick]
 
-Prints a progress line per case and a final JSON line: train_peak_extra_mib (row length ->
+Prints a progress line per case (stderr) and a final JSON line: train_peak_extra_mib (row length ->
 MiB, packed case), train_peak_extra_mib_by_case, train_seconds (per case),
 packed_vs_alone_time (row length -> packed time / its sequences alone),
 decode_tokens_per_s (context -> tokens/s), decode_rss_mib (context -> MiB).
@@ -138,18 +138,19 @@ def main() -> None:
     if args.quick:
         args.lengths, args.contexts, args.decode_steps = [1024, 2048], [256, 512], 4
     train: dict[str, dict] = {}
-    for L in args.lengths:
-        cases = {"single": [L], "packed": [L // 2] + [L // 8] * 4,
-                 "half": [L // 2], "eighth": [L // 8]}
-        for name, lengths in cases.items():
+    cases = {"packed": lambda L: [L // 2] + [L // 8] * 4, "half": lambda L: [L // 2],
+             "eighth": lambda L: [L // 8], "single": lambda L: [L]}
+    for name, of in cases.items():  # the packed rows first: the memory figures
+        for L in args.lengths:
+            lengths = of(L)
             res = _sub("train", lengths)
             train[f"{L}/{name}"] = res
-            print(f"train {L} {name} {lengths}: {res}", flush=True)
+            print(f"train {L} {name} {lengths}: {res}", file=sys.stderr, flush=True)
     decode = {}
     for c in args.contexts:
         res = _sub("decode", [c, args.decode_batch, args.decode_steps])
         decode[c] = res
-        print(f"decode context {c}: {res}", flush=True)
+        print(f"decode context {c}: {res}", file=sys.stderr, flush=True)
 
     def get(key, field):
         return train.get(key, {}).get(field)
