@@ -38,7 +38,7 @@ def segments_per_row(batch):
     rows, length = batch.input_ids.shape
     cu = batch.cu_seqlens.tolist()
     counts = [0] * rows
-    for a, b in zip(cu, cu[1:]):
+    for a, b in zip(cu, cu[1:], strict=False):
         if b > a and batch.input_ids.view(-1)[a] != 0:
             counts[a // length] += 1
     return counts
@@ -152,7 +152,7 @@ def test_packed_attention_equals_the_dense_mask(monkeypatch, share, mode):
         monkeypatch.setattr(attention, "PREFIX_MASK_MAX", 50)
     if mode == "bf16-kernel":
         monkeypatch.setattr(attention, "MATMUL_SCORES_MAX", 0)
-    for trial in range(3):
+    for _ in range(3):
         seg = make_segments(rng, R, L, share)
         q = torch.randn(R, H, L, D, generator=gen).requires_grad_()
         k = torch.randn(R, KV, L, D, generator=gen).requires_grad_()
