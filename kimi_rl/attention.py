@@ -46,6 +46,18 @@ LOW_PRECISION = (torch.bfloat16, torch.float16)  # dtypes whose CPU attention ta
 MATMUL_SCORES_MAX = 1 << 24
 
 
+# packed rows up to this length on CPU take one masked kernel call over the whole row (the
+# [rows, 1, L, L] bool mask then holds at most 1M entries a row): at the demo's rows of
+# ~100 tokens one call per segment took 1.7x as long per train step (Python overhead of
+# many small calls). Longer rows, and rows on GPUs, go segment by segment.
+DENSE_ROW_MAX = 1024
+
+
+def by_segments(row_len: int, device: torch.device) -> bool:
+    """The one rule for packed rows: per segment (no [L, L] tensor) or one masked call."""
+    return device.type != "cpu" or row_len > DENSE_ROW_MAX
+
+
 def use_matmul(query: Tensor, batch: int, heads: int, queries: int, keys: int) -> bool:
     """The one rule for matmul attention: on CPU in a low precision (the queries' dtype or
     autocast), for one query (a decode step) or a score matrix of at most

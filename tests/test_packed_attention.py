@@ -60,11 +60,16 @@ def reference(model, prompts, responses, coefs, autocast):
     return lps, dict(zip(params, grads, strict=True))
 
 
+@pytest.mark.parametrize("path", ["segments", "dense"])
 @pytest.mark.parametrize("share", [False, True])
 @pytest.mark.parametrize("autocast", [False, True])
 @pytest.mark.parametrize("seed", [0, 1])
 def test_packed_values_and_gradients_equal_each_sequence_alone(make_model, tokenizer, share,
-                                                                autocast, seed):
+                                                                autocast, seed, path,
+                                                                monkeypatch):
+    """Both ways a packed row is attended (attention.by_segments): per segment, and (short
+    rows on CPU) one call with the row's mask."""
+    monkeypatch.setattr(attention, "DENSE_ROW_MAX", 0 if path == "segments" else 1 << 20)
     rng = random.Random(seed)
     model = make_model(seed=seed, std=0.2, num_heads=4, num_kv_heads=2)  # GQA
     prompts, responses = random_groups(len(tokenizer), rng, 7)

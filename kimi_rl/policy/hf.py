@@ -10,7 +10,7 @@ from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 from transformers import PreTrainedModel
 
-from ..attention import Segments, use_sdpa
+from ..attention import Segments, by_segments, use_sdpa
 from ..config import AlgoConfig, BackendConfig
 from .packing import PackedBatch, dense_mask
 
@@ -116,7 +116,7 @@ class HFPolicy:
         weight = self.model.get_output_embeddings().weight
         ac = self.cfg.autocast
         rows = batch.input_ids.shape[0]
-        if self.segments:
+        if self.segments and by_segments(batch.input_ids.shape[1], weight.device):
             # a 4D mask counts as prepared, so transformers builds none; this empty one
             # stands for the segments, which the attention reads from `packed`
             extra = {"attention_mask": torch.empty((rows, 1, 0, 0), dtype=torch.bool),
