@@ -62,7 +62,7 @@ class BackendConfig:
     name: str = "hf"
     micro_batch_tokens: int = 8192  # packed tokens per forward/backward
     logits_chunk: int = 2048  # tokens per lm-head chunk (bounds logits memory)
-    attn_implementation: str = "sdpa"  # hf: sdpa (kimi_rl/policy/attention.py) | eager
+    attn_implementation: str = "sdpa"  # hf: sdpa (kimi_rl/attention.py) | eager
     # hf: run forward and backward passes under torch.autocast in this dtype (bfloat16 |
     # float16; null: off). Parameters, gradients and optimizer states stay in model.dtype
     # (float32 master weights); the lm head's log-softmax is float32 either way. On CPUs

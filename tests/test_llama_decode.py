@@ -10,7 +10,7 @@ import torch
 from test_torch_engine import engine_for, prompts
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from kimi_rl.policy.attention import use_sdpa
+from kimi_rl.attention import use_sdpa
 from kimi_rl.rollout.engine import Request, SamplingParams
 from kimi_rl.rollout.llama_decode import LlamaDecoder, supports
 from kimi_rl.rollout.torch_engine import TorchEngine

@@ -376,7 +376,7 @@ def test_shared_prompts_layout_and_logprobs(model, tokenizer):
     prompts, responses, masks = grouped_sequences(len(tokenizer))
     plain = pack(prompts, responses, max_tokens=10**6, loss_masks=masks)
     shared = pack(prompts, responses, max_tokens=10**6, loss_masks=masks, share_prompts=True)
-    assert shared[0].attention_mask is not None and plain[0].attention_mask is None
+    assert shared[0].segment_prefix is not None and plain[0].segment_prefix is None
     assert shared[0].num_tokens < plain[0].num_tokens  # the prompts counted once per unit
     # the 14-sample group needs two units (at most 4 x the longest sequence, 17 tokens,
     # each); the group with longer responses than its prompt and the single sample are
@@ -405,7 +405,7 @@ def test_shared_prompts_gradients_equal_per_sequence(model, tokenizer):
     policy = HFPolicy(model, BackendConfig(logits_chunk=6),
                       AlgoConfig(lr=0.0, grad_clip=1e9, weight_decay=0.0))
     batches = pack(prompts, responses, max_tokens=80, loss_masks=masks, share_prompts=True)
-    assert len(batches) >= 2 and all(b.attention_mask is not None for b in batches)
+    assert len(batches) >= 2 and all(b.segment_prefix is not None for b in batches)
     policy.train_step(batches, _loss_fn(coefs, n_tokens))
     got = {k: p.grad.clone() for k, p in model.named_parameters()}
     _, ref = _reference_grads(model, prompts, responses, masks, coefs, n_tokens, 1.0)

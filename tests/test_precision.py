@@ -12,7 +12,7 @@ from hydra import compose, initialize_config_module
 from test_torch_engine import prompts, sequence_logprobs
 
 from kimi_rl.config import AlgoConfig, BackendConfig, check_config, register_configs
-from kimi_rl.policy.attention import matmul_attention
+from kimi_rl.attention import matmul_attention
 from kimi_rl.policy.hf import HFPolicy
 from kimi_rl.policy.packing import pack
 from kimi_rl.rollout.engine import Request, SamplingParams
@@ -198,7 +198,7 @@ def test_attention_under_autocast(monkeypatch):
     """On CPU under autocast: a small score matrix is matmul_attention in bfloat16; above
     MATMUL_SCORES_MAX, torch's kernel in float32 (values rounded once to bfloat16). Both
     return bfloat16 and pass gradients to their inputs."""
-    from kimi_rl.policy import attention
+    from kimi_rl import attention
 
     gen = torch.Generator().manual_seed(0)
     # queries and keys come out of the rotary embedding in float32, values in bfloat16

@@ -10,9 +10,9 @@ from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 from transformers import PreTrainedModel
 
+from ..attention import Segments, by_segments, use_sdpa
 from ..config import AlgoConfig, BackendConfig
-from .attention import use_sdpa
-from .packing import PackedBatch
+from .packing import PackedBatch, dense_mask
 
 LossFn = Callable[[Tensor, PackedBatch], tuple[Tensor, dict[str, float]]]
 
@@ -71,8 +71,11 @@ class HFPolicy:
         self.model = model
         self.cfg = backend
         self.algo = algo
+        # kimi-rl's attention (kimi_rl/attention.py) takes packed rows' segments: per
+        # sequence, no [L, L] mask; other implementations get the segments as a dense mask
+        self.segments = False
         if backend.attn_implementation == "sdpa":
-            use_sdpa(model)  # torch's sdpa kernel, as transformers calls it, tuned (attention.py)
+            self.segments = use_sdpa(model)
         else:
             model.set_attn_implementation(backend.attn_implementation)
         if backend.gradient_checkpointing:
@@ -112,11 +115,22 @@ class HFPolicy:
         body = self.model.base_model
         weight = self.model.get_output_embeddings().weight
         ac = self.cfg.autocast
+        rows = batch.input_ids.shape[0]
+        if self.segments and by_segments(batch.input_ids.shape[1], weight.device):
+            # a 4D mask counts as prepared, so transformers builds none; this empty one
+            # stands for the segments, which the attention reads from `packed`
+            extra = {"attention_mask": torch.empty((rows, 1, 0, 0), dtype=torch.bool),
+                     "packed": Segments(batch.cu_seqlens, batch.segment_prefix)}
+        else:
+            mask = dense_mask(batch).to(weight.device)
+            if self.cfg.attn_implementation == "eager":  # eager adds its mask to the scores
+                mask = torch.zeros(mask.shape, dtype=weight.dtype, device=weight.device
+                                   ).masked_fill_(~mask, torch.finfo(weight.dtype).min)
+            extra = {"attention_mask": mask}
         with (torch.autocast(weight.device.type, dtype=getattr(torch, ac)) if ac
               else contextlib.nullcontext()):
             hidden = body(input_ids=batch.input_ids, position_ids=batch.position_ids,
-                          attention_mask=batch.attention_mask, use_cache=False
-                          ).last_hidden_state
+                          use_cache=False, **extra).last_hidden_state
             hidden = hidden.reshape(-1, hidden.shape[-1])
             return token_logprobs(hidden[batch.sources], weight, batch.targets,
                                   self.cfg.logits_chunk, temperature)

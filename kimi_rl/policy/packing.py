@@ -2,17 +2,19 @@
 
 Rows have a common length (the longest unit, or `row_tokens` if larger) and are filled
 first-fit-decreasing, so only each row's tail is padding. Position ids restart at 0 for
-each sequence, and transformers restricts attention to each sequence from them (the
-block-diagonal mask), so a row costs row_len^2 attention, not (all tokens)^2.
+each sequence, and the batch carries its segments' boundaries (`cu_seqlens`): attention
+runs per segment (kimi_rl/attention.py, `packed_attention`), so a row costs the sum of
+its sequences' causal attention and memory linear in its length; no [L, L] mask is built.
 
 Shared prompts (`share_prompts`): the samples of a group have the same prompt, and its
 forward pass is the same for each of them. A unit [prompt, response 1, ..., response n]
-computes it once: response j's positions continue from the prompt's, and an explicit
-attention mask lets its tokens see the prompt and response j's own earlier tokens only,
-so every logprob is the one of the sequence [prompt, response j] alone (the gradient
-too: the prompt's activations receive the sum over the responses). A group is shared when
-its prompt is at least as long as its responses on average (the prompt tokens saved then
-outweigh the larger attention blocks), in units of at most SHARE_ROW_FACTOR times the
+computes it once: response j's positions continue from the prompt's, and its segment
+names the prompt's as its prefix (`segment_prefix`): its tokens see the prompt and
+response j's own earlier tokens only, so every logprob is the one of the sequence
+[prompt, response j] alone (the gradient too: the prompt's activations receive the sum
+over the responses). A group is shared when its prompt is at least as long as its
+responses on average (the prompt tokens saved then outweigh the prompt keys each response
+reads again), in units of at most SHARE_ROW_FACTOR times the
 longest sequence.
 """
 
@@ -41,9 +43,13 @@ class PackedBatch:
     # prompts, a response's first token follows the prompt, not the slot before it);
     # None: target_index - 1
     source_index: Tensor | None = None
-    # [R, 1, L, L] bool, True where a query may attend a key: set when prompts are shared
-    # (position ids alone then do not give the mask)
-    attention_mask: Tensor | None = None
+    # [S+1] int32 boundaries of the segments in the flattened rows (R*L): every slot
+    # covered in order, a row's padding tail a segment of its own. A segment is a
+    # sequence, or in a shared-prompt unit its prompt or one of its non-empty responses
+    cu_seqlens: Tensor | None = None
+    # [S] per segment, the segment it also sees in full (a response's shared prompt), -1
+    # for none; None when no prompt is shared (position ids alone then give the segments)
+    segment_prefix: Tensor | None = None
 
     @property
     def targets(self) -> Tensor:
@@ -140,9 +146,8 @@ def pack(
         batch_rows = rows[b:b + per_batch]
         ids = torch.full((len(batch_rows), row_len), pad_id, dtype=torch.long)
         pos = torch.zeros((len(batch_rows), row_len), dtype=torch.long)
-        # per slot: its unit (pads: a unit each) and branch (0: the prompt, j: response j)
-        unit_of = -1 - torch.arange(len(batch_rows) * row_len).view(len(batch_rows), row_len)
-        branch = torch.zeros((len(batch_rows), row_len), dtype=torch.long)
+        cu = [0]  # segment boundaries (flat) and each segment's prefix segment
+        prefix: list[int] = []
         tgt: list[int] = []
         src: list[int] = []
         seq: list[int] = []
@@ -154,16 +159,18 @@ def pack(
                 p = prompts[units[u][0]]
                 ids[r, at:at + len(p)] = torch.tensor(list(p))
                 pos[r, at:at + len(p)] = torch.arange(len(p))
-                unit_of[r, at:at + len(p)] = u
                 last_prompt = r * row_len + at + len(p) - 1
                 at += len(p)
-                for j, i in enumerate(units[u], start=1):
+                one = len(units[u]) == 1  # a whole sequence: one segment
+                if not one:
+                    prompt_segment = len(prefix)
+                    cu.append(r * row_len + at)
+                    prefix.append(-1)
+                for i in units[u]:
                     resp = responses[i]
                     mask = loss_masks[i] if loss_masks is not None else [True] * len(resp)
                     ids[r, at:at + len(resp)] = torch.tensor(list(resp), dtype=torch.long)
                     pos[r, at:at + len(resp)] = torch.arange(len(p), len(p) + len(resp))
-                    unit_of[r, at:at + len(resp)] = u
-                    branch[r, at:at + len(resp)] = j
                     start = r * row_len + at
                     for t in range(len(resp)):
                         if mask[t]:
@@ -174,13 +181,16 @@ def pack(
                     seq += [len(seq_ids)] * sum(bool(m) for m in mask)
                     seq_ids.append(i)
                     at += len(resp)
+                    if not one and resp:
+                        cu.append(r * row_len + at)
+                        prefix.append(prompt_segment)
+                if one:
+                    cu.append(r * row_len + at)
+                    prefix.append(-1)
             pos[r, at:] = torch.arange(row_len - at)  # the tail pads form a block of their own
-        attention = None
-        if shared:
-            same = unit_of[:, :, None] == unit_of[:, None, :]
-            sees = (branch[:, None, :] == 0) | (branch[:, None, :] == branch[:, :, None])
-            attention = (same & sees & torch.ones(row_len, row_len, dtype=torch.bool).tril()
-                         )[:, None]
+            if at < row_len:
+                cu.append((r + 1) * row_len)
+                prefix.append(-1)
         batches.append(PackedBatch(
             input_ids=ids, position_ids=pos,
             target_index=torch.tensor(tgt, dtype=torch.long),
@@ -189,6 +199,20 @@ def pack(
             target_versions=(torch.tensor(vers, dtype=torch.long) if versions is not None
                              else None),
             source_index=torch.tensor(src, dtype=torch.long) if shared else None,
-            attention_mask=attention,
+            cu_seqlens=torch.tensor(cu, dtype=torch.int32),
+            segment_prefix=torch.tensor(prefix, dtype=torch.long) if shared else None,
         ))
     return batches
+
+
+def dense_mask(batch: PackedBatch) -> Tensor:
+    """[R, 1, L, L] bool, True where a query may attend a key: the segments as one mask,
+    for attention implementations that take no segments (eager, which builds [L, L]
+    scores anyway). kimi-rl's attention never builds it."""
+    rows, length = batch.input_ids.shape
+    cu = batch.cu_seqlens.long()
+    seg = torch.repeat_interleave(torch.arange(len(cu) - 1), cu[1:] - cu[:-1]).view(rows, length)
+    pre = (batch.segment_prefix if batch.segment_prefix is not None
+           else torch.full((len(cu) - 1,), -1, dtype=torch.long))[seg]
+    sees = (seg[:, :, None] == seg[:, None, :]) | (pre[:, :, None] == seg[:, None, :])
+    return (sees & torch.ones(length, length, dtype=torch.bool).tril())[:, None]

@@ -11,7 +11,7 @@ transformers' modules, mask construction and cache bookkeeping, not to arithmeti
 - the rotary embedding is applied to queries and keys together, its sine and cosine
   computed once per step for every layer (by the model's own rotary module, so any rope
   scaling it implements applies);
-- the attention is kimi-rl's (`policy/attention.py`), as in the model's forward; with
+- the attention is kimi-rl's (`kimi_rl/attention.py`), as in the model's forward; with
   `whole` (the torch engine's bfloat16 cache on CPU) it reads each layer's whole, contiguous
   cache buffers, the unfilled positions (zeros) masked, which adds exact zeros.
 
@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from transformers import PreTrainedModel
 
-from ..policy.attention import matmul_attention, sdpa
+from ..attention import matmul_attention, sdpa
 
 
 def supports(model: PreTrainedModel) -> bool:

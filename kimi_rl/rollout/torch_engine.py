@@ -11,7 +11,7 @@ from torch import Tensor
 from transformers import DynamicCache, PreTrainedModel
 from transformers.cache_utils import DynamicLayer
 
-from ..policy.attention import LOW_PRECISION, use_sdpa
+from ..attention import LOW_PRECISION, use_sdpa
 from ..rewards.repetition import RepeatTracker
 from .engine import Request, SamplingParams, Segment
 from .llama_decode import LlamaDecoder, supports
