@@ -4,8 +4,9 @@ Each watched quantity is averaged over the last `window` iterations and compared
 best such average so far:
 - training accuracy per difficulty level (levels enter and leave with the curriculum, so
   the overall mean would fall at a stage change without any collapse): a level whose
-  windowed accuracy, over at least `min_samples` responses, falls `accuracy_drop` below
-  its best;
+  accuracy over its last `window` iterations (more, until they hold `min_samples`
+  responses: one hard group of a rarely sampled level is no collapse) falls
+  `accuracy_drop` below its best;
 - the share of responses stopped by repeat detection, `repeat_rise` above its lowest;
 - the policy's mean token entropy, below `entropy_ratio` of its highest;
 - the mean response length, below `length_ratio` of its longest.
@@ -24,15 +25,20 @@ from .config import CollapseConfig
 
 @dataclass
 class _Window:
-    """Sums over the last n iterations of (value, weight) pairs."""
+    """Sums of (value, weight) pairs over the last n iterations, or over as many more as
+    it takes to reach `min_weight` (a level seen by few responses an iteration)."""
 
     n: int
+    min_weight: float = 0.0
 
     def __post_init__(self) -> None:
-        self.items: deque[tuple[float, float]] = deque(maxlen=self.n)
+        self.items: deque[tuple[float, float]] = deque()
 
     def add(self, value_sum: float, weight: float) -> None:
         self.items.append((value_sum, weight))
+        while (len(self.items) > self.n
+               and self.weight() - self.items[0][1] >= self.min_weight):
+            self.items.popleft()
 
     def weight(self) -> float:
         return sum(w for _, w in self.items)
@@ -42,7 +48,7 @@ class _Window:
         return sum(v for v, _ in self.items) / w if w > 0 else None
 
     def full(self) -> bool:
-        return len(self.items) == self.n
+        return len(self.items) >= self.n and self.weight() >= self.min_weight
 
 
 class CollapseDetector:
@@ -56,17 +62,17 @@ class CollapseDetector:
         self.reasons: dict[str, int] = {}  # rule -> first iteration it fired
         self.fired: list[str] = []  # the rules that fired at the last update
 
-    def _window(self, key: str) -> _Window:
-        return self.windows.setdefault(key, _Window(self.cfg.window))
+    def _window(self, key: str, min_weight: float = 0.0) -> _Window:
+        return self.windows.setdefault(key, _Window(self.cfg.window, min_weight))
 
     def _track(self, key: str, value_sum: float, weight: float, higher_is_better: bool,
                min_weight: float = 0.0) -> tuple[float, float] | None:
-        """Add to `key`'s window; (windowed mean, best windowed mean before it) once the
-        window is full and heavy enough."""
-        w = self._window(key)
+        """Add to `key`'s window; (windowed mean, best windowed mean so far) once the
+        window spans `window` iterations and `min_weight`."""
+        w = self._window(key, min_weight)
         w.add(value_sum, weight)
         mean = w.mean()
-        if mean is None or not w.full() or w.weight() < min_weight:
+        if mean is None or not w.full():
             return None
         best = self.best.get(key)
         if best is None or (mean > best if higher_is_better else mean < best):
@@ -123,7 +129,8 @@ class CollapseDetector:
 
     def load_state_dict(self, state: dict) -> None:
         for k, items in state["windows"].items():
-            self._window(k).items.extend(tuple(i) for i in items)
+            self._window(k, self.cfg.min_samples if k.startswith("accuracy/") else 0.0
+                         ).items.extend(tuple(i) for i in items)
         self.best = dict(state["best"])
         self.first_iteration = state["first_iteration"]
         self.reasons = dict(state["reasons"])

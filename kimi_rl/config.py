@@ -319,7 +319,7 @@ class CollapseConfig:
     enabled: bool = True
     window: int = 3  # iterations averaged
     accuracy_drop: float = 0.3  # a level's training accuracy this far below its best
-    min_samples: int = 24  # responses of a level in the window before its accuracy counts
+    min_samples: int = 64  # a level's accuracy window extends back to this many responses
     repeat_rise: float = 0.3  # share of repeat-stopped responses this far above its lowest
     entropy_ratio: float = 0.2  # mean token entropy below this share of its highest
     length_ratio: float = 0.3  # mean response length below this share of its longest
