@@ -166,6 +166,10 @@ def train(cfg: TrainConfig, run_dir: str | Path, preempt: Preemption | None = No
             engine.update_weights(policy.export_weights())
             if cfg.sft.control:
                 distributed.save_checkpoint(run_dir, "sft_start", {}, policy, latest=False)
+        # RL starts with its own optimizer (algo.lr, no moments), also when it keeps one
+        # across iterations (algo.reset_optimizer=false): not the cold start's, whose
+        # learning rate and moments belong to another loss
+        policy.reset_optimizer()
         if cfg.eval.before:
             run_eval("before RL", "eval_before")
 
