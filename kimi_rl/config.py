@@ -53,6 +53,10 @@ class AlgoConfig:
     minibatches: int = 1  # optimizer steps per epoch over an iteration's rollouts
     epochs: int = 1
     reset_optimizer: bool = True  # "we also reset the optimizer at each iteration"
+    # the learning rate rises linearly to lr over the first N RL iterations (0: off). A
+    # fresh Adam's first step is sign descent (every weight moves by lr, whatever its
+    # gradient); with one optimizer step an iteration and reset_optimizer, every step is
+    lr_warmup_iterations: int = 0
 
 
 @dataclass
@@ -437,6 +441,8 @@ def check_config(cfg: TrainConfig) -> None:
     require("sft.select", sft.select, sft.select in SFT_SELECT, f"one of {list(SFT_SELECT)}")
     require("sft.final_lr_ratio", sft.final_lr_ratio, 0 <= sft.final_lr_ratio <= 1,
             "a number in [0, 1]")
+    require("algo.lr_warmup_iterations", cfg.algo.lr_warmup_iterations,
+            cfg.algo.lr_warmup_iterations >= 0, "an integer >= 0")
     for key in ("steps", "warmup_steps", "heldout", "eval_every"):
         require(f"sft.{key}", getattr(sft, key), getattr(sft, key) >= 0, "an integer >= 0")
     require("reward.length_penalty_groups", rw.length_penalty_groups,

@@ -412,6 +412,8 @@ def optimize(cfg: TrainConfig, policy, algo, samples: list[Sample], masks: list[
             set_ref(policy.logprobs(pb, temperature)[0], pb, [counted[j] for j in pb.seq_ids])
     if cfg.algo.reset_optimizer:
         policy.reset_optimizer()
+    policy.set_lr(rl_lr(cfg.algo, it))
+    metrics["train/lr"] = rl_lr(cfg.algo, it)
     steps = []
     for _ in range(cfg.algo.epochs):
         for chunk in chunks:
@@ -442,6 +444,13 @@ def optimize(cfg: TrainConfig, policy, algo, samples: list[Sample], masks: list[
             np.mean([s[k] for s in steps]))
     metrics["train/optimizer_steps"] = len(steps)
     return metrics
+
+
+def rl_lr(algo, iteration: int) -> float:
+    """algo.lr, rising linearly over the first algo.lr_warmup_iterations iterations (a
+    fresh Adam's first steps move every weight by about the learning rate, whatever its
+    gradient: sign descent)."""
+    return algo.lr * min(1.0, (iteration + 1) / max(algo.lr_warmup_iterations, 1))
 
 
 def rollout_metrics(samples: list[Sample], weight: float) -> dict[str, float]:

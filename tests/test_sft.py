@@ -91,3 +91,13 @@ def test_run_sft_final_keeps_the_last_weights(tiny):
                     on_eval=lambda step, loss: evals.__setitem__(step, loss))
     assert stats["best_step"] == 6
     assert heldout_loss(policy, held) == pytest.approx(evals[6], rel=1e-5)
+
+
+def test_rl_learning_rate_warmup():
+    from kimi_rl.config import AlgoConfig
+    from kimi_rl.loop import rl_lr
+
+    algo = AlgoConfig(lr=3e-4, lr_warmup_iterations=5)
+    assert [rl_lr(algo, i) for i in range(7)] == pytest.approx(
+        [6e-5, 1.2e-4, 1.8e-4, 2.4e-4, 3e-4, 3e-4, 3e-4])
+    assert rl_lr(AlgoConfig(lr=1e-4, lr_warmup_iterations=0), 0) == pytest.approx(1e-4)
