@@ -75,7 +75,7 @@ def math_answer(response: str) -> str | None:
 
 # task -> the final answer of a response, as votes compare it (the verifier's view of it)
 ANSWER_EXTRACTORS: dict[str, Callable[[str], str | None]] = {
-    "modsum": modsum.extract_answer,  # the last `answer N` line
+    "modsum": modsum.extract_answer,  # the final `answer N` line
     "math": math_answer,
     "reasoning_gym": math_answer,  # scored on the same extraction as math
     "code": extract_program,  # identical programs vote together

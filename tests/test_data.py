@@ -137,10 +137,7 @@ def test_demonstrations_verify(problems, check):
     for p in problems:
         demo = modsum.demonstration(p, check)
         assert modsum.extract_answer(demo) == p.answer
-        lines = demo.splitlines()
-        n = len(p.prompt.split())  # one line per operand, the answer, then the check
-        assert lines[n] == f"answer {p.answer}"
-        assert lines[n + 1:] == (["check"] + lines[:n] if check else [])
+        assert demo.rstrip().splitlines()[-1].split()[-1] == p.answer  # the final line
         assert modsum.verify(p, demo) == 1.0 == verify(p, demo)
         assert modsum.verify(p, demo + "\n\n") == 1.0  # trailing blank lines are not lines
     longer = [len(modsum.demonstration(p, True)) > len(modsum.demonstration(p, False))
@@ -152,24 +149,21 @@ def other_answer(problems, p):
     return next(q for q in problems if q.answer != p.answer)
 
 
-def test_only_the_last_answer_line_counts(problems):
+def test_only_the_final_line_counts(problems):
     for p in problems[:20]:
         demo = modsum.demonstration(p, check=False)
         q = other_answer(problems, p)
-        wrong_answer = modsum.demonstration(q, check=False).splitlines()[-1]
+        wrong_final = modsum.demonstration(q, check=False).splitlines()[-1]
         first = demo.splitlines()[0]
-        # lines after the answer line (a checking pass) are not read
-        assert modsum.verify(p, demo + "\n" + first) == 1.0
-        # but a later answer line replaces it
-        assert modsum.verify(p, demo + "\n" + wrong_answer) == 0.0
-        assert modsum.verify(q, demo + "\n" + wrong_answer) == 1.0
-        # an answer line must be exactly `answer N`
+        # an answer line followed by more text
+        assert modsum.verify(p, demo + "\n" + first) == 0.0
         assert modsum.verify(p, demo + " and more") == 0.0
-        # a wrong chain of thought with the right answer line still scores
+        # the right answer inside the chain of thought, a wrong final line
+        assert modsum.verify(p, demo + "\n" + wrong_final) == 0.0
+        # a wrong chain of thought with the right final line still scores
         wrong_cot = modsum.demonstration(q, check=False).splitlines()[:-1]
         assert modsum.verify(p, "\n".join(wrong_cot + [demo.splitlines()[-1]])) == 1.0
     assert modsum.extract_answer("") is None
-    assert modsum.extract_answer("0+k7=7\nanswers 7") is None
     assert modsum.verify(problems[0], "") == 0.0
 
 

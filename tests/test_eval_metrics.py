@@ -65,9 +65,7 @@ def test_majority_vote_and_ties():
 
 def test_answer_extractors():
     assert answer_extractor("modsum")("0+a3=3\nanswer 3") == "3"
-    assert answer_extractor("modsum")("answer 3\ncheck\n0+a3=3") == "3"  # the last answer line
-    assert answer_extractor("modsum")("answer 3\nanswer 4") == "4"
-    assert answer_extractor("modsum")("0+a3=3\nanswer: 3") is None
+    assert answer_extractor("modsum")("answer 3\n0+a3=3") is None  # not the final line
     math_answer = answer_extractor("math")
     assert math_answer("so \\boxed{ 1/2 }.") == math_answer("Answer: 1/2") == "1/2"
     assert math_answer("no answer here") is None

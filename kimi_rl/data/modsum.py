@@ -8,15 +8,10 @@ their sum modulo 10. The chain of thought adds one operand per line, naming its 
     0+b9=9
     answer 9
 
-A demonstration may carry an optional checking pass after its answer (``check``, then the
-lines again), so lengths vary and the length penalty has something to remove: a
-reflection that re-does the work once the answer is given, as long chain-of-thought models
-do. It comes after the answer so that it cannot change it: a checking pass before the
-answer made sampled responses less accurate (copying errors, and at levels 4-5 a copy that
-stopped early as the flawed teacher does), so RL without the penalty removed it too and
-the penalty's effect could not be told apart. A demonstration can also be flawed: it stops
-one operand early, as an imperfect teacher that cuts long reasoning short would
-(`stop_early`). Only the last ``answer N`` line counts.
+A demonstration may carry an optional checking pass (the lines again after ``check``), so
+lengths vary and the length penalty has something to remove. A demonstration can also be
+flawed: it stops one operand early, as an imperfect teacher that cuts long reasoning short
+would (`stop_early`). Only the final ``answer N`` line counts.
 """
 
 from __future__ import annotations
@@ -49,31 +44,29 @@ def _steps(prompt: str) -> list[str]:
 
 
 def demonstration(problem: Problem, check: bool, stop_early: bool = False) -> str:
-    """The chain-of-thought response for a problem, with or without the checking pass
-    after the answer. `stop_early` gives a flawed one that skips the last operand and
-    answers wrongly (unless that operand is 0)."""
+    """The chain-of-thought response for a problem, with or without the checking pass.
+    `stop_early` gives a flawed one that skips the last operand and answers wrongly
+    (unless that operand is 0)."""
     lines = _steps(problem.prompt)
     if stop_early:
         lines = lines[:-1]
     answer = lines[-1].rsplit("=", 1)[1]
-    out = lines + [f"answer {answer}"]
     if check:
-        out += ["check"] + lines
-    return "\n".join(out)
+        lines += ["check"] + lines
+    return "\n".join(lines + [f"answer {answer}"])
 
 
 def extract_answer(response: str) -> str | None:
-    """The answer of the last line that is exactly ``answer N`` (lines after it, such as a
-    checking pass, are not read)."""
-    for line in reversed(response.splitlines()):
-        m = ANSWER_RE.fullmatch(line.strip())
-        if m:
-            return m.group(1)
-    return None
+    """The answer on the final non-empty line, if that line is exactly ``answer N``."""
+    lines = [ln.strip() for ln in response.strip().splitlines() if ln.strip()]
+    if not lines:
+        return None
+    m = ANSWER_RE.fullmatch(lines[-1])
+    return m.group(1) if m else None
 
 
 def verify(problem: Problem, response: str) -> float:
-    """1.0 if the last answer line equals the reference answer exactly, else 0.0."""
+    """1.0 if the final answer line equals the reference answer exactly, else 0.0."""
     return float(extract_answer(response) == problem.answer)
 
 
