@@ -13,7 +13,8 @@ from kimi_rl.config import CollapseConfig
 # per-iteration metrics of real demo runs, from their TensorBoard files (an earlier demo
 # design: checking pass before the answer, a fresh Adam every iteration): "healthy" ones
 # that learned steadily, and one whose level-3 training accuracy fell from ~0.95 to
-# 0.42-0.73 for twelve iterations (iterations 9-20) before it recovered
+# 0.42-0.73 for twelve iterations (iterations 9-20) before it recovered; and one of a
+# later design (checking pass after the answer, Adam kept across iterations) that collapsed
 DEMO_TRACES = Path(__file__).parent / "data" / "demo_metrics.json"
 
 
@@ -97,3 +98,8 @@ def test_real_demo_runs_healthy_and_with_a_dip():
     s = run(traces["dip"]["seed1_penalty_off"]).summary()
     assert s["detected"] and 9 <= s["first_iteration"] <= 13
     assert "accuracy_L3" in s["rules"]
+    # a run that collapsed (the optimizer kept across iterations: training accuracy of
+    # every level fell to 0-0.1 from iteration 16 on); reported as its level 4 fell
+    s = run(traces["collapse"]["seed0_adam_kept"]).summary()
+    assert s["detected"] and 11 <= s["first_iteration"] <= 15
+    assert {"accuracy_L1", "accuracy_L2", "accuracy_L3", "accuracy_L4"} <= set(s["rules"])
