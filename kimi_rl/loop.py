@@ -35,8 +35,8 @@ from curriculum.schedules import piecewise
 
 from . import checkpoint, distributed, host
 from .algorithms import LossBatch, get_algorithm
-from .collapse import CollapseDetector
 from .build import build_engine, build_policy, build_sampler, save_hf
+from .collapse import CollapseDetector
 from .config import RolloutConfig, TrainConfig, check_config
 from .data import load_task
 from .evaluate import evaluate, format_accuracy
@@ -51,7 +51,6 @@ from .rollout.engine import SamplingParams
 from .rollout.partial import PartialRollouts, StepStats
 from .rollout.samples import Sample, score_groups
 from .sft import encode_demos, lr_at, run_sft, split_heldout
-
 
 # summary.json always holds these keys (null where a phase did not run or nothing was
 # correct), besides run_dir, rl_seconds, the eval_it<N> results and the per-phase details

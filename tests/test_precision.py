@@ -11,8 +11,8 @@ import torch.nn.functional as F
 from hydra import compose, initialize_config_module
 from test_torch_engine import prompts, sequence_logprobs
 
-from kimi_rl.config import AlgoConfig, BackendConfig, check_config, register_configs
 from kimi_rl.attention import matmul_attention
+from kimi_rl.config import AlgoConfig, BackendConfig, check_config, register_configs
 from kimi_rl.policy.hf import HFPolicy
 from kimi_rl.policy.packing import pack
 from kimi_rl.rollout.engine import Request, SamplingParams
