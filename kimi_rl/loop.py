@@ -136,32 +136,30 @@ def train(cfg: TrainConfig, run_dir: str | Path, preempt: Preemption | None = No
     if not cfg.resume:
         if distributed.is_main():
             (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
-        if cfg.sft.enabled and cfg.sft.from_run:
-            path = Path(cfg.sft.from_run) / "checkpoints" / "sft_start.pt"
-            if not path.is_file():
-                raise ValueError(f"sft.from_run: {path} does not exist (the run must have "
-                                 f"had sft.control=true)")
-            distributed.load_policy(policy, path, checkpoint.load(path))
-            summary["sft"] = {"from_run": str(cfg.sft.from_run)}
-            log.print(f"sft cold start: loaded from {path}")
-            engine.update_weights(policy.export_weights())
-            if cfg.sft.control:
-                distributed.save_checkpoint(run_dir, "sft_start", {}, policy, latest=False)
-        elif cfg.sft.enabled:
-            bar = log.start_bar("sft", cfg.sft.steps)
+        if cfg.sft.enabled:
+            if cfg.sft.from_run:  # another run's SFT start (arms of a comparison share it)
+                path = Path(cfg.sft.from_run) / "checkpoints" / "sft_start.pt"
+                if not path.is_file():
+                    raise ValueError(f"sft.from_run: {path} does not exist (the run must "
+                                     f"have had sft.control=true)")
+                distributed.load_policy(policy, path, checkpoint.load(path))
+                summary["sft"] = {"from_run": str(cfg.sft.from_run)}
+                log.print(f"sft cold start: loaded from {path}")
+            else:
+                bar = log.start_bar("sft", cfg.sft.steps)
 
-            def on_step(step, loss):
-                bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
-                bar.update(1)
-                log.scalars({"sft/loss": loss, "sft/lr": lr_at(cfg.sft, step - 1, cfg.sft.steps)},
-                            step)
-                stop_if_requested("during the SFT cold start")
+                def on_step(step, loss):
+                    bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
+                    bar.update(1)
+                    log.scalars({"sft/loss": loss,
+                                 "sft/lr": lr_at(cfg.sft, step - 1, cfg.sft.steps)}, step)
+                    stop_if_requested("during the SFT cold start")
 
-            stats = run_sft(policy, demos, cfg.sft, cfg.seed, cfg.sft.steps, heldout, on_step,
-                            on_eval=lambda step, loss: log.scalars({"sft/heldout_loss": loss},
-                                                                   step))
-            summary["sft"] = stats
-            log.print(sft_report("sft cold start", stats, len(demos), len(heldout)))
+                summary["sft"] = run_sft(
+                    policy, demos, cfg.sft, cfg.seed, cfg.sft.steps, heldout, on_step,
+                    on_eval=lambda step, loss: log.scalars({"sft/heldout_loss": loss}, step))
+                log.print(sft_report("sft cold start", summary["sft"], len(demos),
+                                     len(heldout)))
             engine.update_weights(policy.export_weights())
             if cfg.sft.control:
                 distributed.save_checkpoint(run_dir, "sft_start", {}, policy, latest=False)
