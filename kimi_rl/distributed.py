@@ -96,6 +96,9 @@ class NullLogger:
     def scalars(self, metrics, step) -> None:
         pass
 
+    def phase_scalars(self, phase, metrics, step) -> None:
+        pass
+
     def histogram(self, tag, values, step) -> None:
         pass
 

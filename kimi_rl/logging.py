@@ -14,7 +14,9 @@ class RunLogger:
     On resume, events after `start` from the interrupted run are purged."""
 
     def __init__(self, run_dir: str | Path, start: int = 0, progress: bool = True):
-        self.writer = SummaryWriter(str(Path(run_dir) / "tb"), purge_step=start or None)
+        self.dir = Path(run_dir) / "tb"
+        self.writer = SummaryWriter(str(self.dir), purge_step=start or None)
+        self.phases: dict[str, SummaryWriter] = {}
         self.progress = progress
         self.bar: tqdm | None = None
 
@@ -29,6 +31,14 @@ class RunLogger:
     def scalars(self, metrics: dict[str, float], step: int) -> None:
         for k, v in metrics.items():
             self.writer.add_scalar(k, v, step)
+
+    def phase_scalars(self, phase: str, metrics: dict[str, float], step: int) -> None:
+        """Scalars of a phase before RL (the SFT cold start), by that phase's own step, in
+        <run_dir>/tb/<phase>: a resumed RL run purges its own events, not these."""
+        if phase not in self.phases:
+            self.phases[phase] = SummaryWriter(str(self.dir / phase))
+        for k, v in metrics.items():
+            self.phases[phase].add_scalar(k, v, step)
 
     def histogram(self, tag: str, values, step: int) -> None:
         self.writer.add_histogram(tag, np.asarray(values), step)
@@ -51,3 +61,5 @@ class RunLogger:
         if self.bar is not None:
             self.bar.close()
         self.writer.close()
+        for w in self.phases.values():
+            w.close()

@@ -151,13 +151,14 @@ def train(cfg: TrainConfig, run_dir: str | Path, preempt: Preemption | None = No
                 def on_step(step, loss):
                     bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
                     bar.update(1)
-                    log.scalars({"sft/loss": loss,
-                                 "sft/lr": lr_at(cfg.sft, step - 1, cfg.sft.steps)}, step)
+                    log.phase_scalars("sft", {"sft/loss": loss, "sft/lr": lr_at(
+                        cfg.sft, step - 1, cfg.sft.steps)}, step)
                     stop_if_requested("during the SFT cold start")
 
                 summary["sft"] = run_sft(
                     policy, demos, cfg.sft, cfg.seed, cfg.sft.steps, heldout, on_step,
-                    on_eval=lambda step, loss: log.scalars({"sft/heldout_loss": loss}, step))
+                    on_eval=lambda step, loss: log.phase_scalars(
+                        "sft", {"sft/heldout_loss": loss}, step))
                 log.print(sft_report("sft cold start", summary["sft"], len(demos),
                                      len(heldout)))
             engine.update_weights(policy.export_weights())

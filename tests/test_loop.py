@@ -90,6 +90,12 @@ def scalars(run_dir: Path) -> dict[str, dict[int, float]]:
     return out
 
 
+def sft_scalars(run_dir: Path) -> dict[str, dict[int, float]]:
+    acc = EventAccumulator(str(run_dir / "tb" / "sft"), size_guidance={"scalars": 0})
+    acc.Reload()
+    return {tag: {e.step: e.value for e in acc.Scalars(tag)} for tag in acc.Tags()["scalars"]}
+
+
 def texts(run_dir: Path) -> dict[str, dict[int, bytes]]:
     acc = events(run_dir)
     return {tag: {e.step: e.tensor_proto.string_val[0] for e in acc.Tensors(tag)}
@@ -156,6 +162,10 @@ def test_resume_equals_straight(straight, tmp_path):
         assert a_s[tag] == b_s[tag], tag
     assert set(a_s["reward/mean"]) == set(range(ITERATIONS))
     assert texts(a_dir) == texts(b_dir)
+    # the SFT curve (tb/sft, by SFT step) is not purged by the resumed run
+    a_sft, b_sft = sft_scalars(a_dir), sft_scalars(b_dir)
+    assert set(a_sft["sft/loss"]) == {1, 2, 3, 4, 5}
+    assert a_sft == b_sft
 
     b_summary = json.loads((b_dir / "summary.json").read_text())
     for key in ("eval_before", "eval_after", "sampled_accuracy", "trained_levels",
@@ -175,7 +185,8 @@ def test_resume_replaces_the_events_after_the_checkpoint(straight, tmp_path):
     for tag in a_s:
         if not tag.startswith(CLOCK):
             assert a_s[tag] == b_s[tag], tag
-    assert len(list((b_dir / "tb").iterdir())) == 2
+    assert len(list((b_dir / "tb").glob("events.out.tfevents.*"))) == 2  # one per process
+    assert sft_scalars(b_dir) == sft_scalars(a_dir)  # the SFT curve (tb/sft) untouched
     for name, t in final_weights(a_dir).items():
         assert torch.equal(final_weights(b_dir)[name], t), name
 
