@@ -410,8 +410,9 @@ def optimize(cfg: TrainConfig, policy, algo, samples: list[Sample], masks: list[
             set_ref(policy.logprobs(pb, temperature)[0], pb, [counted[j] for j in pb.seq_ids])
     if cfg.algo.reset_optimizer:
         policy.reset_optimizer()
-    policy.set_lr(rl_lr(cfg.algo, it))
-    metrics["train/lr"] = rl_lr(cfg.algo, it)
+    if cfg.algo.lr_warmup_iterations:
+        policy.set_lr(rl_lr(cfg.algo, it))
+        metrics["train/lr"] = rl_lr(cfg.algo, it)
     steps = []
     for _ in range(cfg.algo.epochs):
         for chunk in chunks:
