@@ -29,7 +29,9 @@ OVERRIDES = [
     "data.levels=[1,2,3,4,5]", "data.train_per_level=40", "data.test_per_level=2",
     "data.demos={1:200,2:0,3:0,4:0,5:0}", "curriculum=all_levels",
     "curriculum.stages=[{start:0,levels:{1:1.0}}]",
+    # a short SFT start at a constant rate on all 200 demonstrations: some level-1 answers
     "sft.steps=150", "sft.batch_size=16", "sft.lr=1e-2", "sft.control=false",
+    "sft.schedule=constant", "sft.heldout=0",
     "rollout.problems_per_iteration=8", "rollout.group_size=8", "rollout.max_new_tokens=24",
     "eval.max_new_tokens=24", "reward.length_penalty_weight=0", "algo.lr=1e-3",
     f"iterations={ITERATIONS}", "checkpoint_every=100", "progress=false", "num_threads=2",
