@@ -135,7 +135,6 @@ def main() -> None:
     extra = list(args.overrides) + (["num_threads=1"] if args.jobs > 1 else [])
     out = Path(args.out)
     tasks = [(s, p) for p in perts for s in parse_seeds(args.seeds)]
-    runs = []
 
     def task(sp):
         row = one(out, sp[0], sp[1], extra)

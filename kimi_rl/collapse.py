@@ -52,13 +52,13 @@ class _Window:
 
 
 class CollapseDetector:
-    """Feed it each iteration's metrics (`update`); it returns the rules that fire."""
+    """Feed it each iteration's metrics (`update`, which returns the collapse/* scalars);
+    `fired` holds the rules that fired at the last update, `summary()` the run's record."""
 
     def __init__(self, cfg: CollapseConfig):
         self.cfg = cfg
         self.windows: dict[str, _Window] = {}
         self.best: dict[str, float] = {}
-        self.first_iteration: int | None = None
         self.reasons: dict[str, int] = {}  # rule -> first iteration it fired
         self.fired: list[str] = []  # the rules that fired at the last update
 
@@ -86,14 +86,15 @@ class CollapseDetector:
         fired: list[str] = []
         n = metrics.get("rollout/samples", 0.0)
         for key, value in metrics.items():
-            if key.startswith("accuracy/train_L") and f"rollout/samples_{key[15:]}" in metrics:
-                count = metrics[f"rollout/samples_{key[15:]}"]
-                seen = self._track(key, value * count, count, True, c.min_samples)
-                if seen:
-                    drop = seen[1] - seen[0]
-                    out[f"collapse/accuracy_drop_{key[15:]}"] = drop
-                    if drop > c.accuracy_drop:
-                        fired.append(f"accuracy_{key[15:]}")
+            level = key.removeprefix("accuracy/train_")  # "L3"
+            if not key.startswith("accuracy/train_L") or f"rollout/samples_{level}" not in metrics:
+                continue
+            count = metrics[f"rollout/samples_{level}"]
+            seen = self._track(key, value * count, count, True, c.min_samples)
+            if seen:
+                out[f"collapse/accuracy_drop_{level}"] = seen[1] - seen[0]
+                if seen[1] - seen[0] > c.accuracy_drop:
+                    fired.append(f"accuracy_{level}")
         if "rollout/repeat_terminated_fraction" in metrics and n:
             seen = self._track("repeat", metrics["rollout/repeat_terminated_fraction"] * n, n,
                                False)
@@ -111,12 +112,14 @@ class CollapseDetector:
                         fired.append(name)
         for rule in fired:
             self.reasons.setdefault(rule, iteration)
-        if fired and self.first_iteration is None:
-            self.first_iteration = iteration
         out["collapse/firing"] = float(bool(fired))
         out["collapse/detected"] = float(self.first_iteration is not None)
         self.fired = fired
         return out
+
+    @property
+    def first_iteration(self) -> int | None:
+        return min(self.reasons.values(), default=None)
 
     def summary(self) -> dict:
         return {"detected": self.first_iteration is not None,
@@ -124,13 +127,11 @@ class CollapseDetector:
 
     def state_dict(self) -> dict:
         return {"windows": {k: list(w.items) for k, w in self.windows.items()},
-                "best": dict(self.best), "first_iteration": self.first_iteration,
-                "reasons": dict(self.reasons)}
+                "best": dict(self.best), "reasons": dict(self.reasons)}
 
     def load_state_dict(self, state: dict) -> None:
         for k, items in state["windows"].items():
             self._window(k, self.cfg.min_samples if k.startswith("accuracy/") else 0.0
                          ).items.extend(tuple(i) for i in items)
         self.best = dict(state["best"])
-        self.first_iteration = state["first_iteration"]
         self.reasons = dict(state["reasons"])

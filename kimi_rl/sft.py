@@ -98,18 +98,18 @@ def run_sft(policy: HFPolicy, data: Sequence[Demo], cfg: SFTConfig, seed: int, s
     rng = random.Random(seed)
     policy.reset_optimizer(cfg.lr)
     start, loss = time.perf_counter(), float("nan")
+    # the measurement kept: (held-out loss, step, weights when they must be restored)
     best: tuple[float, int, dict | None] = (math.inf, 0, None)
-    last_eval = math.nan
 
     def measure(step: int) -> None:
-        nonlocal best, last_eval
-        last_eval = heldout_loss(policy, heldout)
+        nonlocal best
+        loss = heldout_loss(policy, heldout)
         if on_eval is not None:
-            on_eval(step, last_eval)
-        if cfg.select == "best" and last_eval < best[0]:
-            best = (last_eval, step, copy.deepcopy(policy.model.state_dict()))
-        elif cfg.select != "best":
-            best = (last_eval, step, None)
+            on_eval(step, loss)
+        if cfg.select != "best":  # final: the last measurement, the weights as they are
+            best = (loss, step, None)
+        elif loss < best[0]:
+            best = (loss, step, copy.deepcopy(policy.model.state_dict()))
 
     for step in range(steps):
         policy.set_lr(lr_at(cfg, step, steps))
