@@ -6,8 +6,10 @@ from __future__ import annotations
 import functools
 import json
 import os
+import re
 import sys
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from importlib import resources
 from pathlib import Path
 
 import hydra
@@ -99,7 +101,14 @@ def eval_app(cfg: DictConfig) -> None:
     from .evaluate import run_evaluation
 
     host.setup(cfg.num_threads)
-    run_evaluation(cfg, _run_dir(cfg))
+    given = prompt_given(HydraConfig.get().overrides.task)
+    run_evaluation(cfg, _run_dir(cfg), prompt_given=given)
+
+
+def prompt_given(overrides: Sequence[str]) -> bool:
+    """Whether command-line overrides set the prompt format (`prompt=chat`,
+    `prompt.system=...`, `+prompt.template=...`)."""
+    return any(re.match(r"[+~]*prompt[.=]", o) for o in overrides)
 
 
 @hydra.main(**HYDRA)
@@ -125,8 +134,19 @@ def main(argv: list[str] | None = None) -> None:
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in apps:
         print(USAGE, file=sys.stderr)
         sys.exit(0 if argv and argv[0] in ("-h", "--help") else 2)
-    sys.argv = [f"kimi-rl {argv[0]}"] + argv[1:] + rank_overrides()
+    sys.argv = [f"kimi-rl {argv[0]}"] + group_deletions(argv[1:]) + rank_overrides()
     apps[argv[0]]()
+
+
+def group_deletions(overrides: list[str]) -> list[str]:
+    """`group=null` for a config group of the root defaults (`experiment=null`) means
+    "no file from this group", which Hydra spells `~group`; other overrides are unchanged."""
+    groups = {p.name for p in resources.files("kimi_rl.conf").iterdir() if p.is_dir()}
+    out = []
+    for o in overrides:
+        name, sep, value = o.partition("=")
+        out.append(f"~{name}" if sep and value == "null" and name in groups else o)
+    return out
 
 
 if __name__ == "__main__":

@@ -139,7 +139,7 @@ def format_metrics(metrics: dict) -> str:
     return "\n".join(rows)
 
 
-def run_evaluation(cfg, out_dir) -> dict:
+def run_evaluation(cfg, out_dir, prompt_given: bool = False) -> dict:
     """`kimi-rl eval`: held-out accuracy of a run's latest checkpoint (eval.checkpoint=<run
     dir>) or of model.path, greedy, and with eval.samples=n also pass@k and maj@k for
     k in eval.k from n responses per problem sampled at rollout.temperature and
@@ -147,7 +147,10 @@ def run_evaluation(cfg, out_dir) -> dict:
 
     The problems are the task's held-out split (for a JSONL file, up to
     data.test_per_level per level, never more than a fifth of a level's problems); when
-    that split is empty (data.test_per_level=0, or a file too small), every problem."""
+    that split is empty (data.test_per_level=0, or a file too small), every problem.
+
+    A checkpoint is evaluated with the prompt format it was trained with, unless the
+    command gives one (`prompt_given`: a `prompt=` or `prompt.*` override)."""
     n, ks = cfg.eval.samples, list(cfg.eval.k)
     if n < 0 or (n and (not ks or not all(1 <= k <= n for k in ks))):
         raise ValueError(f"eval.k={ks}: each k must be in 1..eval.samples={n} "
@@ -157,19 +160,21 @@ def run_evaluation(cfg, out_dir) -> dict:
     if not task.test:
         print(f"no held-out problems: evaluating on all {len(problems)} problems")
     fmt = prompt_format(cfg)
-    if cfg.eval.checkpoint:  # the run's own prompt format
+    if cfg.eval.checkpoint:
         state = checkpoint.load(checkpoint.latest(cfg.eval.checkpoint))
         saved = OmegaConf.merge(OmegaConf.structured(TrainConfig), state["config"])
         policy, tokenizer = build_policy(saved, task)
         policy.load_state_dict(state["policy"])
-        fmt = prompt_format(saved)
-        cfg = OmegaConf.merge(cfg, {"prompt": saved.prompt})
+        if not prompt_given:  # the run's own prompt format
+            fmt = prompt_format(saved)
+            cfg = OmegaConf.merge(cfg, {"prompt": saved.prompt})
     else:
         policy, tokenizer = build_policy(cfg, task)
     engine = build_engine(cfg, policy, tokenizer)
     result = evaluate(engine, tokenizer, problems, cfg.eval.max_new_tokens, fmt=fmt)
     print(format_accuracy("held-out accuracy", result["accuracy"]))
-    out = {"accuracy": result["accuracy"], "correct_length": result["correct_length"]}
+    out = {"accuracy": result["accuracy"], "correct_length": result["correct_length"],
+           "prompt_format": cfg.prompt.format}
     if n:
         params = SamplingParams(cfg.rollout.temperature, cfg.rollout.top_p, seed=cfg.eval.seed)
         metrics = sampled_metrics(engine, tokenizer, problems, n, ks,

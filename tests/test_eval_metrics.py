@@ -176,3 +176,29 @@ def test_problem_file_without_held_out_split_is_evaluated_whole(tmp_path, tokeni
     ev.run_evaluation(cfg, tmp_path / "eval")
     assert "evaluating on all 6 problems" in capsys.readouterr().out
     check_eval_json(tmp_path / "eval", {"1", "2"})
+
+
+def test_checkpoint_evaluated_in_its_own_prompt_format_unless_one_is_given(tmp_path):
+    """`kimi-rl eval eval.checkpoint=<run>` uses the run's saved prompt format; a `prompt`
+    override on the command line replaces it."""
+    from omegaconf import OmegaConf
+
+    from kimi_rl import checkpoint
+    from kimi_rl.build import build_policy
+    from kimi_rl.cli import prompt_given
+    from kimi_rl.data import load_task
+
+    trained = compose(TINY + ["prompt=template"])
+    trained.prompt.template = "Q {prompt}"
+    policy, _ = build_policy(trained, load_task(trained.data))
+    checkpoint.save(tmp_path / "run", "iter_000001",
+                    {"config": OmegaConf.to_container(trained), "policy": policy.state_dict()})
+    run = [f"eval.checkpoint={tmp_path / 'run'}"]
+    own = ev.run_evaluation(compose(TINY + run), tmp_path / "own")
+    assert own["prompt_format"] == "template"
+    given = ev.run_evaluation(compose(TINY + run + ["prompt=raw"]), tmp_path / "given",
+                              prompt_given=True)
+    assert given["prompt_format"] == "raw"
+    assert prompt_given(["eval.checkpoint=x", "prompt=chat"])
+    assert prompt_given(["+prompt.system=be brief"]) and prompt_given(["prompt.template=Q"])
+    assert not prompt_given(["eval.checkpoint=x", "data.prompt_key=q", "prompts=1"])

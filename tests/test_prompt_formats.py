@@ -134,14 +134,19 @@ def test_shipped_chat_config_has_the_instruction():
 def test_experiment_none_is_the_schema_defaults():
     from hydra import compose, initialize_config_module
 
+    from kimi_rl.cli import group_deletions
     from kimi_rl.config import register_configs
 
     register_configs()
     with initialize_config_module(config_module="kimi_rl.conf", version_base=None):
         cfg = compose("train", overrides=["experiment=none"])
+        dropped = compose("train", overrides=group_deletions(["experiment=null", "seed=3"]))
         demo = compose("train")
     assert OmegaConf.to_container(cfg) == OmegaConf.to_container(
         OmegaConf.structured(TrainConfig))
+    # `experiment=null` on the command line: no experiment file at all, the same config
+    assert OmegaConf.to_container(dropped) == {**OmegaConf.to_container(cfg), "seed": 3}
+    assert group_deletions(["seed=null", "model.path=null"]) == ["seed=null", "model.path=null"]
     assert demo.iterations == 40 and cfg.iterations == TrainConfig().iterations
 
 
