@@ -56,6 +56,7 @@ class AlgoConfig:
     # the learning rate rises linearly to lr over the first N RL iterations (0: off). A
     # fresh Adam's first step is sign descent (every weight moves by lr, whatever its
     # gradient); with one optimizer step an iteration and reset_optimizer, every step is
+    # one, and a warmup shortens the first ones
     lr_warmup_iterations: int = 0
 
 
