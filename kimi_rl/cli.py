@@ -87,7 +87,7 @@ def sft_app(cfg: DictConfig) -> None:
     task = load_task(cfg.data)
     policy, tokenizer = build_policy(cfg, task)
     demos, heldout = split_heldout(
-        encode_demos(tokenizer, task.demonstrations(cfg.data.check_prob, cfg.seed),
+        encode_demos(tokenizer, task.demonstrations(cfg.data.confirm_prob, cfg.seed),
                      prompt_format(cfg)),
         cfg.sft.heldout, cfg.seed)
     stats = run_sft(policy, demos, cfg.sft, cfg.seed, cfg.sft.steps, heldout)

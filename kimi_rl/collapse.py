@@ -61,6 +61,7 @@ class CollapseDetector:
         self.best: dict[str, float] = {}
         self.reasons: dict[str, int] = {}  # rule -> first iteration it fired
         self.fired: list[str] = []  # the rules that fired at the last update
+        self.firing_iterations = 0  # updates at which any rule fired
 
     def _window(self, key: str, min_weight: float = 0.0) -> _Window:
         return self.windows.setdefault(key, _Window(self.cfg.window, min_weight))
@@ -112,6 +113,7 @@ class CollapseDetector:
                         fired.append(name)
         for rule in fired:
             self.reasons.setdefault(rule, iteration)
+        self.firing_iterations += bool(fired)
         out["collapse/firing"] = float(bool(fired))
         out["collapse/detected"] = float(self.first_iteration is not None)
         self.fired = fired
@@ -122,12 +124,18 @@ class CollapseDetector:
         return min(self.reasons.values(), default=None)
 
     def summary(self) -> dict:
+        """detected: a rule fired at some iteration (the first: first_iteration; rules:
+        rule -> its first iteration); firing_iterations: how many iterations one fired;
+        firing_at_end: one still fired at the last update (not recovered)."""
         return {"detected": self.first_iteration is not None,
-                "first_iteration": self.first_iteration, "rules": dict(self.reasons)}
+                "first_iteration": self.first_iteration, "rules": dict(self.reasons),
+                "firing_iterations": self.firing_iterations,
+                "firing_at_end": bool(self.fired)}
 
     def state_dict(self) -> dict:
         return {"windows": {k: list(w.items) for k, w in self.windows.items()},
-                "best": dict(self.best), "reasons": dict(self.reasons)}
+                "best": dict(self.best), "reasons": dict(self.reasons),
+                "fired": list(self.fired), "firing_iterations": self.firing_iterations}
 
     def load_state_dict(self, state: dict) -> None:
         for k, items in state["windows"].items():
@@ -135,3 +143,5 @@ class CollapseDetector:
                          ).items.extend(tuple(i) for i in items)
         self.best = dict(state["best"])
         self.reasons = dict(state["reasons"])
+        self.fired = list(state.get("fired", []))
+        self.firing_iterations = int(state.get("firing_iterations", 0))

@@ -262,7 +262,9 @@ class DataConfig:
     test_per_level: int = 100
     # chain-of-thought demonstrations for SFT: level -> how many (capped at the train set)
     demos: Dict[int, int] = field(default_factory=lambda: {1: 2000, 2: 2000, 3: 2000})
-    check_prob: float = 0.5  # share of demonstrations with an optional checking pass
+    # built-in task: the share of demonstrations that close with the redundant confirmation
+    # line (kimi_rl/data/modsum.py), the optional length the length penalty can remove
+    confirm_prob: float = 0.5
     # level -> share of flawed demonstrations that stop one step early (an imperfect teacher)
     stop_early: Dict[int, float] = field(default_factory=dict)
     # reasoning-gym (task reasoning_gym; kimi_rl.data.reasoning_gym): the datasets to use,

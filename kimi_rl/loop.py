@@ -83,7 +83,7 @@ def train(cfg: TrainConfig, run_dir: str | Path, preempt: Preemption | None = No
     detector = CollapseDetector(cfg.collapse)
     params = SamplingParams(cfg.rollout.temperature, cfg.rollout.top_p,
                             repeat=repeat_detection(cfg.rollout))
-    demo_pairs = task.demonstrations(cfg.data.check_prob, cfg.seed)
+    demo_pairs = task.demonstrations(cfg.data.confirm_prob, cfg.seed)
     fmt = prompt_format(cfg)  # how problems are prompted: rollouts, SFT, evaluation
     demos, heldout = split_heldout(encode_demos(tokenizer, demo_pairs, fmt), cfg.sft.heldout,
                                    cfg.seed)

@@ -46,6 +46,7 @@ def test_fires_on_a_collapse_to_repeated_characters():
     s = det.summary()
     assert s["detected"]
     assert 12 <= s["first_iteration"] <= 14  # within the window after the collapse began
+    assert s["firing_at_end"] and s["firing_iterations"] == 18 - s["first_iteration"]
     assert {"accuracy_L1", "accuracy_L2", "accuracy_L3", "repeat", "entropy"} <= set(s["rules"])
     assert "length" not in s["rules"]  # 32/50 is above the length rule's 0.3
 
@@ -98,8 +99,10 @@ def test_real_demo_runs_healthy_and_with_a_dip():
     s = run(traces["dip"]["seed1_penalty_off"]).summary()
     assert s["detected"] and 9 <= s["first_iteration"] <= 13
     assert "accuracy_L3" in s["rules"]
+    assert not s["firing_at_end"] and 1 <= s["firing_iterations"] < 10  # it recovered
     # a run that collapsed (the optimizer kept across iterations: training accuracy of
     # every level fell to 0-0.1 from iteration 16 on); reported as its level 4 fell
     s = run(traces["collapse"]["seed0_adam_kept"]).summary()
     assert s["detected"] and 11 <= s["first_iteration"] <= 15
     assert {"accuracy_L1", "accuracy_L2", "accuracy_L3", "accuracy_L4"} <= set(s["rules"])
+    assert s["firing_at_end"] and s["firing_iterations"] >= 5

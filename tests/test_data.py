@@ -10,7 +10,8 @@ import re
 import pytest
 from transformers import AutoTokenizer
 
-from kimi_rl.data import modsum
+from kimi_rl.config import DataConfig
+from kimi_rl.data import load_task, modsum
 from kimi_rl.data.problems import DataError, Problem, load_jsonl
 from kimi_rl.rewards.verify import final_answer, get_verifier, verify_exact
 
@@ -131,18 +132,29 @@ def test_answers_are_digit_sums(problems):
         assert p.answer == str(sum(map(int, re.findall(r"\d", p.prompt))) % 10)
 
 
-@pytest.mark.parametrize("check", [False, True])
-def test_demonstrations_verify(problems, check):
+@pytest.mark.parametrize("confirm", [False, True])
+def test_demonstrations_verify(problems, confirm):
     verify = get_verifier("modsum")
     for p in problems:
-        demo = modsum.demonstration(p, check)
+        demo = modsum.demonstration(p, confirm)
         assert modsum.extract_answer(demo) == p.answer
         assert demo.rstrip().splitlines()[-1].split()[-1] == p.answer  # the final line
         assert modsum.verify(p, demo) == 1.0 == verify(p, demo)
         assert modsum.verify(p, demo + "\n\n") == 1.0  # trailing blank lines are not lines
-    longer = [len(modsum.demonstration(p, True)) > len(modsum.demonstration(p, False))
-              for p in problems]
-    assert all(longer)
+        # the confirmation line before the answer is the only difference
+        lines = demo.splitlines()
+        plain = modsum.demonstration(p, False).splitlines()
+        assert lines == (plain[:-1] + [modsum.CONFIRM] + plain[-1:] if confirm else plain)
+
+
+def test_confirm_prob_is_the_share_of_confirmed_demonstrations():
+    task = load_task(DataConfig(levels=[1, 2, 3], train_per_level=500, test_per_level=10,
+                                demos={1: 500, 2: 500, 3: 500}))
+    demos = task.demonstrations(0.7, seed=0)
+    confirmed = sum(modsum.CONFIRM in demo for _, demo in demos)
+    assert len(demos) == 1500 and abs(confirmed / len(demos) - 0.7) < 0.04
+    none = task.demonstrations(0.0, seed=0)
+    assert not any(modsum.CONFIRM in demo for _, demo in none)
 
 
 def other_answer(problems, p):
@@ -151,9 +163,9 @@ def other_answer(problems, p):
 
 def test_only_the_final_line_counts(problems):
     for p in problems[:20]:
-        demo = modsum.demonstration(p, check=False)
+        demo = modsum.demonstration(p, confirm=False)
         q = other_answer(problems, p)
-        wrong_final = modsum.demonstration(q, check=False).splitlines()[-1]
+        wrong_final = modsum.demonstration(q, confirm=False).splitlines()[-1]
         first = demo.splitlines()[0]
         # an answer line followed by more text
         assert modsum.verify(p, demo + "\n" + first) == 0.0
@@ -161,14 +173,15 @@ def test_only_the_final_line_counts(problems):
         # the right answer inside the chain of thought, a wrong final line
         assert modsum.verify(p, demo + "\n" + wrong_final) == 0.0
         # a wrong chain of thought with the right final line still scores
-        wrong_cot = modsum.demonstration(q, check=False).splitlines()[:-1]
+        wrong_cot = modsum.demonstration(q, confirm=False).splitlines()[:-1]
         assert modsum.verify(p, "\n".join(wrong_cot + [demo.splitlines()[-1]])) == 1.0
     assert modsum.extract_answer("") is None
     assert modsum.verify(problems[0], "") == 0.0
 
 
 def test_tokenizer_round_trips_demonstrations(tokenizer, problems, tmp_path):
-    texts = [p.prompt + modsum.demonstration(p, check) for p in problems for check in (0, 1)]
+    texts = [p.prompt + modsum.demonstration(p, confirm) for p in problems
+             for confirm in (False, True)]
     for text in texts:
         ids = tokenizer(text)["input_ids"]
         assert ids[0] == tokenizer.bos_token_id

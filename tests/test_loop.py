@@ -278,7 +278,8 @@ def test_summary_keys_when_nothing_is_correct(tmp_path):
     assert on_disk["correct_length_at_warmup_end"] is None
     assert set(on_disk["accuracy_change_after_warmup"]) == {str(lv) for lv in LEVELS}
     assert on_disk["sft"] is None and on_disk["sft_control"] is None
-    assert set(on_disk["collapse"]) == {"detected", "first_iteration", "rules"}
+    assert set(on_disk["collapse"]) == {"detected", "first_iteration", "rules",
+                                        "firing_iterations", "firing_at_end"}
 
 
 def test_max_new_tokens_schedule_and_truncated_reward(tmp_path):

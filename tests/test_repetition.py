@@ -83,15 +83,15 @@ def test_a_passage_repeated_two_or_three_times_is_not_a_loop():
 
 
 def test_builtin_task_demonstrations_are_not_loops(tokenizer):
-    """The default condition leaves the built-in task's responses alone, checking pass
-    (the lines a second time) included, at every prefix."""
+    """The default condition leaves the built-in task's responses alone, the
+    confirmation line included, at every prefix."""
     rng = random.Random(0)
     spec = DEFAULT
     streams = []
-    for level in range(1, 9):
+    for level in range(1, 17):
         for n in range(30):
             p = modsum.make_problem(rng, level, f"p{level}-{n}")
-            text = modsum.demonstration(p, check=n % 2 == 0)
+            text = modsum.demonstration(p, confirm=n % 2 == 0)
             streams.append(tokenizer(text, add_special_tokens=False).input_ids)
     assert max(len(s) for s in streams) > 2 * spec.max_period
     for s in streams[::10]:

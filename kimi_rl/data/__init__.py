@@ -25,17 +25,18 @@ class TaskData:
     stop_early: dict[int, float] = field(default_factory=dict)  # level -> flawed share
     vocabulary: list[str] | None = None  # characters, for the built-in tokenizer
 
-    def demonstrations(self, check_prob: float, seed: int) -> list[tuple[Problem, str]]:
-        """(problem, chain-of-thought response) pairs for the SFT cold start."""
+    def demonstrations(self, confirm_prob: float, seed: int) -> list[tuple[Problem, str]]:
+        """(problem, chain-of-thought response) pairs for the SFT cold start; a share
+        `confirm_prob` of them close with the redundant confirmation line."""
         rng = random.Random(seed)
         taken: dict[int, int] = {}
         out = []
         for p in self.train:
             if p.task == "modsum" and taken.get(p.level, 0) < self.demos.get(p.level, 0):
                 taken[p.level] = taken.get(p.level, 0) + 1
-                check = rng.random() < check_prob
+                confirm = rng.random() < confirm_prob
                 flawed = rng.random() < self.stop_early.get(p.level, 0.0)
-                out.append((p, modsum.demonstration(p, check, stop_early=flawed)))
+                out.append((p, modsum.demonstration(p, confirm, stop_early=flawed)))
         return out
 
     @property

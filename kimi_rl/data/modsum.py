@@ -8,10 +8,13 @@ their sum modulo 10. The chain of thought adds one operand per line, naming its 
     0+b9=9
     answer 9
 
-A demonstration may carry an optional checking pass (the lines again after ``check``), so
-lengths vary and the length penalty has something to remove. A demonstration can also be
-flawed: it stops one operand early, as an imperfect teacher that cuts long reasoning short
-would (`stop_early`). Only the final ``answer N`` line counts.
+A demonstration may close with a redundant confirmation line (``all steps look right``)
+before its answer, so lengths vary and the length penalty has something to remove. The line
+is constant text: it neither helps nor hurts the answer, so a verifier-only reward has no
+reason to keep or drop it, and removing it is the length penalty's doing alone (an optional
+pass that recomputed the steps would cost accuracy, and RL alone would remove it). A
+demonstration can also be flawed: it stops one operand early, as an imperfect teacher that
+cuts long reasoning short would (`stop_early`). Only the final ``answer N`` line counts.
 """
 
 from __future__ import annotations
@@ -43,16 +46,19 @@ def _steps(prompt: str) -> list[str]:
     return lines
 
 
-def demonstration(problem: Problem, check: bool, stop_early: bool = False) -> str:
-    """The chain-of-thought response for a problem, with or without the checking pass.
-    `stop_early` gives a flawed one that skips the last operand and answers wrongly
-    (unless that operand is 0)."""
+CONFIRM = "all steps look right"
+
+
+def demonstration(problem: Problem, confirm: bool, stop_early: bool = False) -> str:
+    """The chain-of-thought response for a problem, with or without the confirmation line
+    before the answer. `stop_early` gives a flawed one that skips the last operand and
+    answers wrongly (unless that operand is 0)."""
     lines = _steps(problem.prompt)
     if stop_early:
         lines = lines[:-1]
     answer = lines[-1].rsplit("=", 1)[1]
-    if check:
-        lines += ["check"] + lines
+    if confirm:
+        lines.append(CONFIRM)
     return "\n".join(lines + [f"answer {answer}"])
 
 
@@ -94,5 +100,5 @@ def generate(levels: list[int], train_per_level: int, test_per_level: int, seed:
 
 def vocabulary() -> list[str]:
     """Every character the task's prompts and responses use."""
-    chars = set(LABELS + "0123456789+= \n")
+    chars = set(LABELS + "0123456789+= \n" + CONFIRM)
     return sorted(chars)
