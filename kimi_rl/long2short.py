@@ -36,12 +36,12 @@ from .config import DPOConfig, TrainConfig
 from .data import load_task
 from .data.problems import Problem
 from .evaluate import evaluate, format_accuracy
+from .loop import repeat_detection, train
 from .policy.model import load_pretrained
 from .policy.packing import pack
 from .prompts import prompt_format
 from .rewards.verify import get_verifier
 from .rollout.engine import SamplingParams
-from .loop import repeat_detection, train
 from .rollout.samples import Sample, generate_groups
 from .sft import encode_demos, lr_at, run_sft, split_heldout, write_demos
 
@@ -108,7 +108,7 @@ def dpo_pairs(lengths: Sequence[int], correct: Sequence[bool], ratio: float = 1.
     if chosen is None:
         return []
     rejected = [i for i, (n, c) in enumerate(zip(lengths, correct, strict=True))
-                if not c or n >= ratio * lengths[chosen]]
+                if i != chosen and (not c or n >= ratio * lengths[chosen])]
     rejected.sort(key=lambda i: (-lengths[i], i))
     if max_pairs > 0:
         rejected = rejected[:max_pairs]

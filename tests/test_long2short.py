@@ -12,8 +12,14 @@ from torch.nn.functional import log_softmax
 
 from kimi_rl.config import AlgoConfig, BackendConfig, DPOConfig
 from kimi_rl.data.problems import Problem
-from kimi_rl.long2short import (dpo_loss, dpo_pairs, dpo_step, merge_state_dicts,
-                                sequence_logprobs, shortest_correct)
+from kimi_rl.long2short import (
+    dpo_loss,
+    dpo_pairs,
+    dpo_step,
+    merge_state_dicts,
+    sequence_logprobs,
+    shortest_correct,
+)
 from kimi_rl.policy.hf import HFPolicy
 from kimi_rl.sft import load_demos, write_demos
 
@@ -76,6 +82,7 @@ def test_dpo_pairs_on_hand_made_groups():
     # ties in length: the lower index first; a tie for chosen: the first
     assert dpo_pairs([10, 30, 10, 30], [True, False, True, False]) == [(0, 1), (0, 3)]
     assert dpo_pairs([10, 30], [False, False]) == []  # no correct response: nothing
+    assert dpo_pairs([10, 10, 9], [True, True, False], ratio=1.0) == [(0, 1), (0, 2)]
     assert dpo_pairs([10, 12], [True, True]) == []  # nothing long or wrong enough
     with pytest.raises(ValueError, match="ratio"):
         dpo_pairs([1], [True], ratio=0.5)
@@ -182,3 +189,103 @@ def test_demos_file_round_trip_and_bad_rows(tmp_path):
         load_demos(tmp_path / "bad2.jsonl")
     with pytest.raises(FileNotFoundError, match="sft.demos_file"):
         load_demos(tmp_path / "none.jsonl")
+
+
+# --- the command on a tiny setup ----------------------------------------------------------
+
+TINY = ["model.hidden_size=32", "model.num_layers=1", "model.num_heads=2",
+        "model.num_kv_heads=2", "model.intermediate_size=64", "data.levels=[1,2]",
+        "data.train_per_level=40", "data.test_per_level=3", "data.demos={1:0,2:0,3:0,4:0,5:0}",
+        "rollout.problems_per_iteration=2", "rollout.group_size=2",
+        "rollout.max_new_tokens=24", "rollout.partial.budget=12",
+        "eval.max_new_tokens=16", "num_threads=1", "progress=false", "collapse.enabled=false"]
+
+
+def compose_l2s(overrides: list[str]):
+    import hydra
+
+    from kimi_rl.config import register_configs
+
+    register_configs()
+    with hydra.initialize_config_module(config_module="kimi_rl.conf", version_base=None):
+        return hydra.compose("long2short", overrides=TINY + overrides)
+
+
+def save_tiny(cfg, out, seed: int):
+    from kimi_rl.build import build_policy, save_hf
+    from kimi_rl.data import load_task
+
+    cfg = cfg.copy()
+    cfg.seed = seed
+    policy, tokenizer = build_policy(cfg, load_task(cfg.data))
+    return save_hf(policy, tokenizer, out), policy.model.state_dict()
+
+
+def test_merge_command_writes_the_average_and_its_evaluation(tmp_path):
+    from kimi_rl.long2short import run_long2short
+
+    cfg = compose_l2s(["method=merge"])
+    long_dir, long_sd = save_tiny(cfg, tmp_path / "long", seed=1)
+    short_dir, short_sd = save_tiny(cfg, tmp_path / "short", seed=2)
+    cfg = compose_l2s(["method=merge", f"long2short.start={long_dir}",
+                       f"long2short.merge.short_model={short_dir}",
+                       "long2short.merge.short_weight=0.25"])
+    summary = run_long2short(cfg, tmp_path / "out")
+    from safetensors.torch import load_file
+
+    merged = load_file(tmp_path / "out" / "hf_model" / "model.safetensors")
+    key = "model.layers.0.self_attn.q_proj.weight"
+    assert torch.allclose(merged[key], 0.75 * long_sd[key] + 0.25 * short_sd[key], atol=1e-7)
+    ev = json.loads((tmp_path / "out" / "eval.json").read_text())
+    assert set(ev["accuracy"]) == {"1", "2"} and ev == json.loads(json.dumps(summary["eval"]))
+    with pytest.raises(ValueError, match="long2short.merge.short_model: required"):
+        run_long2short(compose_l2s(["method=merge", f"long2short.start={long_dir}"]),
+                       tmp_path / "bad")
+
+
+def test_long2short_rl_composes_and_runs_two_iterations(tmp_path):
+    from kimi_rl.long2short import run_long2short
+
+    cfg = compose_l2s(["method=rl"])
+    # the method's settings over the demo experiment's (warmup 8 there)
+    assert cfg.reward.length_penalty_warmup == 0 and cfg.reward.length_penalty_weight > 0
+    assert cfg.reward.truncated_reward == "zero" and cfg.long2short.rl_length_ratio == 0.5
+    start, _ = save_tiny(cfg, tmp_path / "start", seed=1)
+    cfg = compose_l2s(["method=rl", f"long2short.start={start}", "iterations=2",
+                       "checkpoint_every=2", "long2short.levels=[2]"])
+    summary = run_long2short(cfg, tmp_path / "out")
+    assert summary["details"]["iterations"] == 2
+    assert summary["details"]["max_new_tokens"] == 12  # 24 x 0.5
+    ran = json.loads((tmp_path / "out" / "summary.json").read_text())  # the RL run's own
+    assert ran["iterations"] == 2 and ran["eval_before"] is None
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(tmp_path / "out" / "tb"))
+    acc.Reload()
+    weight = {e.step: e.value for e in acc.Scalars("length_penalty/weight")}
+    assert weight == {0: 0.5, 1: 0.5}  # on from iteration 0
+    cap = {e.step: e.value for e in acc.Scalars("rollout/max_new_tokens")}
+    assert cap == {0: 12, 1: 12}
+    assert {e.value for e in acc.Scalars("rollout/samples_L2")} == {4.0}  # long2short.levels
+    assert (tmp_path / "out" / "hf_model" / "config.json").is_file()
+    assert set(json.loads((tmp_path / "out" / "eval.json").read_text())["accuracy"]) == {"1", "2"}
+
+
+def test_dpo_training_moves_the_margin(make_model):
+    """A few DPO steps on fixed pairs: the chosen responses gain logprob against the
+    rejected ones relative to the reference (the margin, 0 at the start, grows)."""
+    from kimi_rl.long2short import run_dpo
+
+    model = make_model(seed=4)
+    gen = torch.Generator().manual_seed(2)
+    prompts = [torch.randint(1, 20, (4,), generator=gen).tolist() for _ in range(8)]
+    responses = [torch.randint(1, 20, (n,), generator=gen).tolist() for n in (3, 9) * 4]
+    pairs = [(2 * i, 2 * i + 1) for i in range(4)]
+    policy = HFPolicy(model, BackendConfig(micro_batch_tokens=64), AlgoConfig())
+    cfg = DPOConfig(steps=6, batch_size=4, lr=3e-3, warmup_steps=0, schedule="constant")
+    stats = run_dpo(policy, prompts, responses, pairs, cfg, 64, True, seed=0)
+    assert stats["first"]["dpo/margin"] == pytest.approx(0.0, abs=1e-4)
+    assert stats["first"]["loss/dpo"] == pytest.approx(math.log(2), abs=1e-4)
+    assert stats["last"]["dpo/margin"] > 0.5 and stats["last"]["loss/dpo"] < math.log(2)
+    with pytest.raises(ValueError, match="no pairs"):
+        run_dpo(policy, prompts, responses, [], cfg, 64, True, seed=0)
