@@ -32,7 +32,7 @@ from torch import Tensor
 from torch.nn.functional import logsigmoid
 
 from .build import build_engine, build_policy, save_hf
-from .config import DPOConfig, TrainConfig
+from .config import DPOConfig, StageConfig, TrainConfig
 from .data import load_task
 from .data.problems import Problem
 from .evaluate import evaluate, format_accuracy
@@ -404,13 +404,12 @@ def _rl(cfg: TrainConfig, run_dir: Path) -> dict:
     short = {"max_new_tokens": max(1, round(ro.max_new_tokens * ratio)),
              "max_new_tokens_schedule": {k: max(1, round(v * ratio))
                                          for k, v in ro.max_new_tokens_schedule.items()}}
-    stages = ([{"start": 0, "levels": {lv: 1.0 for lv in cfg.long2short.levels}}]
-              if cfg.long2short.levels else OmegaConf.to_container(cfg.curriculum.stages))
     rl_cfg = OmegaConf.merge(cfg, {
         "rollout": short, "reward": {"length_penalty_warmup": 0},
         "sft": {"enabled": False, "control": False},
         "eval": {"before": False, "after": False, "at_warmup_end": False, "every": 0}})
-    rl_cfg.curriculum.stages = stages
+    if cfg.long2short.levels:
+        rl_cfg.curriculum.stages = [StageConfig(0, {lv: 1.0 for lv in cfg.long2short.levels})]
     summary = train(rl_cfg, run_dir)
     return {"iterations": rl_cfg.iterations, "max_new_tokens": short["max_new_tokens"],
             "length_penalty_weight": rl_cfg.reward.length_penalty_weight,

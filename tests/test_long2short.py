@@ -114,8 +114,8 @@ def test_dpo_loss_and_gradient_against_the_formula(sft_weight):
     n_chosen = sum(lens_c)
     want, sig_neg = 0.0, []
     for p in range(n_pairs):
-        sc = sum(float(x) for x in tok_c[p])
-        sr = sum(float(x) for x in tok_r[p])
+        sc = sum(tok_c[p].tolist())
+        sr = sum(tok_r[p].tolist())
         z = beta * ((sc - ref_c[p]) - (sr - ref_r[p]))
         want += math.log(1.0 + math.exp(-z)) / n_pairs
         want += sft_weight * -sc / n_chosen
