@@ -501,6 +501,23 @@ def check_config(cfg: TrainConfig) -> None:
     require("reward.length_penalty_groups", rw.length_penalty_groups,
             rw.length_penalty_groups in LENGTH_PENALTY_GROUPS,
             f"one of {list(LENGTH_PENALTY_GROUPS)}")
+    l2s, dpo = cfg.long2short, cfg.long2short.dpo
+    for key in ("samples", "problems"):
+        require(f"long2short.{key}", getattr(l2s, key), getattr(l2s, key) >= 1,
+                "an integer >= 1")
+    require("long2short.rl_length_ratio", l2s.rl_length_ratio, 0 < l2s.rl_length_ratio <= 1,
+            "a number in (0, 1]")
+    require("long2short.merge.short_weight", l2s.merge.short_weight,
+            0 <= l2s.merge.short_weight <= 1, "a number in [0, 1]")
+    require("long2short.dpo.beta", dpo.beta, math.isfinite(dpo.beta) and dpo.beta > 0,
+            "a number > 0")
+    require("long2short.dpo.ratio", dpo.ratio, math.isfinite(dpo.ratio) and dpo.ratio >= 1,
+            "a number >= 1")
+    require("long2short.dpo.schedule", dpo.schedule, dpo.schedule in SFT_SCHEDULES,
+            f"one of {list(SFT_SCHEDULES)}")
+    for key in ("steps", "batch_size"):
+        require(f"long2short.dpo.{key}", getattr(dpo, key), getattr(dpo, key) >= 1,
+                "an integer >= 1")
     pe = cfg.preemption
     require("preemption.exit_code", pe.exit_code, 1 <= pe.exit_code <= 255,
             "an integer in 1..255")

@@ -31,8 +31,9 @@ from omegaconf import OmegaConf
 from torch import Tensor
 from torch.nn.functional import logsigmoid
 
+from . import host
 from .build import build_engine, build_policy, save_hf
-from .config import DPOConfig, StageConfig, TrainConfig
+from .config import DPOConfig, StageConfig, TrainConfig, check_config
 from .data import load_task
 from .data.problems import Problem
 from .evaluate import evaluate, format_accuracy
@@ -295,12 +296,11 @@ def run_long2short(cfg: TrainConfig, run_dir: str | Path) -> dict:
     evaluation in <run_dir>/eval.json, and a summary (method, details, evaluation) in
     <run_dir>/long2short.json, which is returned. The rl method's run files (config,
     checkpoints, TensorBoard, summary.json) are those of `kimi-rl train`."""
-    from . import host
-
     method = cfg.long2short.method
     if method not in METHODS:
         raise ValueError(f"long2short.method: one of {list(METHODS)} (method=<name>), "
                          f"got {method!r}")
+    check_config(cfg)
     cfg = resolve_start(cfg)
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -325,9 +325,6 @@ def _merge(cfg: TrainConfig, run_dir: Path) -> dict:
     if not mc.short_model:
         raise ValueError("long2short.merge.short_model: required (an HF model directory of "
                          "the same architecture as the start)")
-    if not 0.0 <= mc.short_weight <= 1.0:
-        raise ValueError(f"long2short.merge.short_weight: must be in [0, 1], "
-                         f"got {mc.short_weight!r}")
     long_model, tokenizer = load_pretrained(cfg.model.path, cfg.model.dtype)
     short_model, _ = load_pretrained(mc.short_model, cfg.model.dtype)
     if long_model.config.model_type != short_model.config.model_type:
@@ -398,8 +395,6 @@ def _rl(cfg: TrainConfig, run_dir: Path) -> dict:
     length scaled by long2short.rl_length_ratio, the levels of long2short.levels; no cold
     start, no evaluation of its own (eval.json is written after it)."""
     ratio = cfg.long2short.rl_length_ratio
-    if not 0.0 < ratio <= 1.0:
-        raise ValueError(f"long2short.rl_length_ratio: must be in (0, 1], got {ratio!r}")
     ro = cfg.rollout
     short = {"max_new_tokens": max(1, round(ro.max_new_tokens * ratio)),
              "max_new_tokens_schedule": {k: max(1, round(v * ratio))

@@ -271,6 +271,21 @@ def test_long2short_rl_composes_and_runs_two_iterations(tmp_path):
     assert set(json.loads((tmp_path / "out" / "eval.json").read_text())["accuracy"]) == {"1", "2"}
 
 
+@pytest.mark.parametrize("override, message", [
+    ("long2short.dpo.beta=0", "long2short.dpo.beta: must be a number > 0"),
+    ("long2short.dpo.ratio=0.9", "long2short.dpo.ratio: must be a number >= 1"),
+    ("long2short.rl_length_ratio=1.5", "long2short.rl_length_ratio: must be"),
+    ("long2short.samples=0", "long2short.samples: must be an integer >= 1"),
+    ("long2short.merge.short_weight=2", "long2short.merge.short_weight: must be"),
+])
+def test_bad_values_are_named(override, message):
+    from kimi_rl.config import check_config
+
+    with pytest.raises(ValueError, match=message):
+        check_config(compose_l2s(["method=dpo", override]))
+    check_config(compose_l2s(["method=dpo"]))  # the defaults pass
+
+
 def test_dpo_training_moves_the_margin(make_model):
     """A few DPO steps on fixed pairs: the chosen responses gain logprob against the
     rejected ones relative to the reference (the margin, 0 at the start, grows)."""
