@@ -1,5 +1,6 @@
-"""`kimi-rl train|sft|eval [hydra overrides]`: each subcommand is a Hydra app on the
-configs shipped in the package (kimi_rl/conf); the default experiment is the demo."""
+"""`kimi-rl train|sft|eval|difficulty|long2short [hydra overrides]`: each subcommand is a
+Hydra app on the configs shipped in the package (kimi_rl/conf); the default experiment is
+the demo."""
 
 from __future__ import annotations
 
@@ -21,13 +22,16 @@ from .config import register_configs
 
 register_configs()
 HYDRA = dict(version_base=None, config_path="pkg://kimi_rl.conf", config_name="train")
-USAGE = """usage: kimi-rl {train,sft,eval,difficulty} [hydra overrides ...]
+USAGE = """usage: kimi-rl {train,sft,eval,difficulty,long2short} [hydra overrides ...]
 
   train   RL training (default experiment: the CPU demo); resume=<run dir> continues a run
-  sft     supervised cold start only; writes <run dir>/hf_model
+  sft     supervised cold start only (sft.demos_file=<jsonl>: on those demonstrations);
+          writes <run dir>/hf_model
   eval    held-out accuracy per level of eval.checkpoint=<run dir> or model.path=<HF dir>
   difficulty  pass rates, levels and easy-to-hack filter of data.path's problems ->
               difficulty.output=<file>.jsonl (with a report beside it)
+  long2short  method=merge|shortest|dpo|rl long2short.start=<run dir or HF dir>: a
+              shorter model in <run dir>/hf_model, its held-out evaluation in eval.json
 
 Show the composed config:  kimi-rl train --cfg job
 """
@@ -81,15 +85,15 @@ def sft_app(cfg: DictConfig) -> None:
     from .data import load_task
     from .loop import sft_report
     from .prompts import prompt_format
-    from .sft import encode_demos, run_sft, split_heldout
+    from .sft import encode_demos, load_demos, run_sft, split_heldout
 
     host.setup(cfg.num_threads)
     task = load_task(cfg.data)
     policy, tokenizer = build_policy(cfg, task)
-    demos, heldout = split_heldout(
-        encode_demos(tokenizer, task.demonstrations(cfg.data.confirm_prob, cfg.seed),
-                     prompt_format(cfg)),
-        cfg.sft.heldout, cfg.seed)
+    pairs = (load_demos(cfg.sft.demos_file) if cfg.sft.demos_file
+             else task.demonstrations(cfg.data.confirm_prob, cfg.seed))
+    demos, heldout = split_heldout(encode_demos(tokenizer, pairs, prompt_format(cfg)),
+                                   cfg.sft.heldout, cfg.seed)
     stats = run_sft(policy, demos, cfg.sft, cfg.seed, cfg.sft.steps, heldout)
     out = save_hf(policy, tokenizer, _run_dir(cfg) / "hf_model")
     print(f"{sft_report('sft', stats, len(demos), len(heldout))}; model saved to {out}")
@@ -111,6 +115,15 @@ def prompt_given(overrides: Sequence[str]) -> bool:
     return any(re.match(r"[+~]*prompt[.=]", o) for o in overrides)
 
 
+@hydra.main(**{**HYDRA, "config_name": "long2short"})
+@_user_errors
+def long2short_app(cfg: DictConfig) -> None:
+    from .long2short import run_long2short
+
+    summary = run_long2short(cfg, _run_dir(cfg))
+    print(json.dumps({k: summary[k] for k in ("method", "start", "eval")}, default=str))
+
+
 @hydra.main(**HYDRA)
 @_user_errors
 def difficulty_app(cfg: DictConfig) -> None:
@@ -130,7 +143,8 @@ def rank_overrides(env: Mapping[str, str] = os.environ) -> list[str]:
 
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
-    apps = {"train": train_app, "sft": sft_app, "eval": eval_app, "difficulty": difficulty_app}
+    apps = {"train": train_app, "sft": sft_app, "eval": eval_app, "difficulty": difficulty_app,
+            "long2short": long2short_app}
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in apps:
         print(USAGE, file=sys.stderr)
         sys.exit(0 if argv and argv[0] in ("-h", "--help") else 2)

@@ -299,6 +299,9 @@ class SFTConfig:
     # a run directory whose SFT start (checkpoints/sft_start.pt, written when sft.control
     # is on) is loaded instead of training one: arms of a comparison share their SFT start
     from_run: Optional[str] = None
+    # `kimi-rl sft`: demonstrations from a JSONL file (one per row: prompt, response; and
+    # optionally id, answer, difficulty, task) instead of the task's built-in ones
+    demos_file: Optional[str] = None
 
 
 @dataclass
@@ -369,6 +372,55 @@ class DifficultyConfig:
 
 
 @dataclass
+class MergeConfig:
+    """long2short method=merge: the start's weights averaged with a short-CoT model's."""
+
+    short_model: Optional[str] = None  # HF model directory of the same architecture
+    short_weight: float = 0.5  # merged = (1 - short_weight) * start + short_weight * short
+
+
+@dataclass
+class DPOConfig:
+    """long2short method=dpo: pairs (chosen = the shortest correct response of a problem's
+    samples; rejected = a wrong one, or a correct one at least `ratio` times longer) and the
+    DPO loss against the start as the reference model (its logprobs computed once)."""
+
+    beta: float = 0.1
+    ratio: float = 1.5
+    sft_weight: float = 0.0  # + sft_weight x the token NLL of the chosen responses
+    max_pairs_per_group: int = 0  # rejected responses per problem, longest first (0: all)
+    steps: int = 100
+    batch_size: int = 32  # pairs per optimizer step
+    lr: float = 1e-4  # peak learning rate (schedule as sft's: warmup, then cosine)
+    warmup_steps: int = 10
+    schedule: str = "cosine"
+    final_lr_ratio: float = 0.1
+
+
+@dataclass
+class Long2ShortConfig:
+    """`kimi-rl long2short method=merge|shortest|dpo|rl` (kimi_rl/long2short.py, SPEC.md
+    section 6): a long-CoT model made short, written to <run dir>/hf_model and evaluated on
+    the held-out problems (<run dir>/eval.json)."""
+
+    method: Optional[str] = None  # merge | shortest | dpo | rl (set by method=<name>)
+    # the long-CoT model: a run directory (its hf_model; the task and prompt format are read
+    # from its config.yaml) or an HF model directory (the task: data.*, prompt.*)
+    start: Optional[str] = None
+    # shortest and dpo sample `samples` responses per problem from the start, on `problems`
+    # training problems drawn at random from `levels` (empty: every training level), at
+    # rollout.temperature / top_p, up to rollout.max_new_tokens tokens
+    samples: int = 8
+    problems: int = 512
+    levels: List[int] = field(default_factory=list)
+    # rl: the second RL phase's max response length, rollout.max_new_tokens (and each
+    # max_new_tokens_schedule cap) times this; the length penalty is on from iteration 0
+    rl_length_ratio: float = 0.5
+    merge: MergeConfig = field(default_factory=MergeConfig)
+    dpo: DPOConfig = field(default_factory=DPOConfig)
+
+
+@dataclass
 class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     algo: AlgoConfig = field(default_factory=AlgoConfig)
@@ -383,6 +435,7 @@ class TrainConfig:
     collapse: CollapseConfig = field(default_factory=CollapseConfig)
     preemption: PreemptionConfig = field(default_factory=PreemptionConfig)
     difficulty: DifficultyConfig = field(default_factory=DifficultyConfig)  # kimi-rl difficulty
+    long2short: Long2ShortConfig = field(default_factory=Long2ShortConfig)  # kimi-rl long2short
     iterations: int = 100
     seed: int = 0
     run_dir: Optional[str] = None  # default: Hydra's output directory
@@ -451,6 +504,23 @@ def check_config(cfg: TrainConfig) -> None:
     require("reward.length_penalty_groups", rw.length_penalty_groups,
             rw.length_penalty_groups in LENGTH_PENALTY_GROUPS,
             f"one of {list(LENGTH_PENALTY_GROUPS)}")
+    l2s, dpo = cfg.long2short, cfg.long2short.dpo
+    for key in ("samples", "problems"):
+        require(f"long2short.{key}", getattr(l2s, key), getattr(l2s, key) >= 1,
+                "an integer >= 1")
+    require("long2short.rl_length_ratio", l2s.rl_length_ratio, 0 < l2s.rl_length_ratio <= 1,
+            "a number in (0, 1]")
+    require("long2short.merge.short_weight", l2s.merge.short_weight,
+            0 <= l2s.merge.short_weight <= 1, "a number in [0, 1]")
+    require("long2short.dpo.beta", dpo.beta, math.isfinite(dpo.beta) and dpo.beta > 0,
+            "a number > 0")
+    require("long2short.dpo.ratio", dpo.ratio, math.isfinite(dpo.ratio) and dpo.ratio >= 1,
+            "a number >= 1")
+    require("long2short.dpo.schedule", dpo.schedule, dpo.schedule in SFT_SCHEDULES,
+            f"one of {list(SFT_SCHEDULES)}")
+    for key in ("steps", "batch_size"):
+        require(f"long2short.dpo.{key}", getattr(dpo, key), getattr(dpo, key) >= 1,
+                "an integer >= 1")
     pe = cfg.preemption
     require("preemption.exit_code", pe.exit_code, 1 <= pe.exit_code <= 255,
             "an integer in 1..255")

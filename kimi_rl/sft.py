@@ -11,10 +11,12 @@ and `select="best"` keeps the weights of the best measurement.
 from __future__ import annotations
 
 import copy
+import json
 import math
 import random
 import time
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 from transformers import PreTrainedTokenizerBase
@@ -41,6 +43,50 @@ def encode_demos(tokenizer: PreTrainedTokenizerBase, demos: Sequence[tuple[Probl
          tokenizer(text, add_special_tokens=False).input_ids + [end])
         for p, text in demos
     ]
+
+
+def write_demos(path: str | Path, demos: Sequence[tuple[Problem, str]]) -> Path:
+    """Demonstrations as JSONL, one per row: id, prompt, answer, difficulty, task, response
+    (what `sft.demos_file` reads)."""
+    path = Path(path)
+    with path.open("w") as f:
+        for p, response in demos:
+            f.write(json.dumps({"id": p.id, "prompt": p.prompt, "answer": p.answer,
+                                "difficulty": p.level, "task": p.task,
+                                "response": response}) + "\n")
+    return path
+
+
+def load_demos(path: str | Path) -> list[tuple[Problem, str]]:
+    """(problem, response) per row of a JSONL file of demonstrations: prompt and response
+    (strings) required; id (default <stem>-<row>), answer, difficulty (default 1) and
+    task (default modsum) optional. A bad row is named by file and row."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"sft.demos_file: file not found: {path}")
+    out = []
+    for row, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}, row {row}: not JSON ({e})") from None
+        if not isinstance(rec, dict):
+            raise ValueError(f"{path}, row {row}: not a JSON object")
+        for key in ("prompt", "response"):
+            if not isinstance(rec.get(key), str) or not rec[key]:
+                raise ValueError(f"{path}, row {row}: {key!r} must be a non-empty string")
+        level = rec.get("difficulty", 1)
+        if not isinstance(level, int) or isinstance(level, bool):
+            raise ValueError(f"{path}, row {row}: 'difficulty' must be an integer, "
+                             f"got {level!r}")
+        out.append((Problem(str(rec.get("id", f"{path.stem}-{row}")), rec["prompt"],
+                            str(rec.get("answer", "")), level,
+                            str(rec.get("task", "modsum"))), rec["response"]))
+    if not out:
+        raise ValueError(f"sft.demos_file: {path} holds no demonstrations")
+    return out
 
 
 def split_heldout(data: Sequence[Demo], n: int, seed: int) -> tuple[list[Demo], list[Demo]]:

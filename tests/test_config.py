@@ -20,9 +20,9 @@ def _registered() -> None:
     register_configs()
 
 
-def make(overrides: list[str] | None = None):
+def make(overrides: list[str] | None = None, root: str = "train"):
     with initialize_config_module(config_module="kimi_rl.conf", version_base=None):
-        return compose("train", overrides=overrides or [])
+        return compose(root, overrides=overrides or [])
 
 
 def options(group: str) -> list[str]:
@@ -71,8 +71,18 @@ def test_every_group_option_composes():
     for group in groups:
         for name in options(group):
             extra = {"model": ["model.path=/some/dir"], "data": ["data.path=/some/file"]}
-            cfg = make([f"{group}={name}", *extra.get(group, [])])
+            # method: the group of `kimi-rl long2short`'s root config
+            root = "long2short" if group == "method" else "train"
+            cfg = make([f"{group}={name}", *extra.get(group, [])], root)
             assert OmegaConf.get_type(cfg) is TrainConfig
+            if group == "method":
+                assert cfg.long2short.method == name
+                OmegaConf.to_object(cfg)
+
+
+def test_long2short_needs_a_method():
+    with pytest.raises(ConfigCompositionException, match="You must specify .method."):
+        make([], "long2short")
 
 
 @pytest.mark.parametrize("override, name", [

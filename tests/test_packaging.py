@@ -34,7 +34,8 @@ def test_wheel_ships_configs_and_composes(tmp_path):
                     "-q", "-w", str(wheel_dir), str(ROOT)], check=True)
     (wheel,) = wheel_dir.glob("kimi_rl-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
-    for cfg in ("train.yaml", "experiment/demo.yaml", "algo/omd.yaml", "algo/grpo.yaml"):
+    for cfg in ("train.yaml", "experiment/demo.yaml", "algo/omd.yaml", "algo/grpo.yaml",
+                "long2short.yaml", "method/rl.yaml", "method/dpo.yaml"):
         assert f"kimi_rl/conf/{cfg}" in names
     assert "curriculum/sampler.py" in names
     # install it (not editable) into a directory of its own and compose from there

@@ -21,13 +21,14 @@ pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 
 ITERATIONS = 10
 # head_dim 32 (the vLLM CPU kernels need 32, 64, ...); level-1 problems only, RL rewarded by
-# the verifier alone (no length penalty)
+# the verifier alone (no length penalty); demonstrations without the confirmation line, so
+# a level-1 response fits in 24 tokens
 OVERRIDES = [
     "rollout=vllm", "rollout.vllm.kv_cache_bytes=67108864", "rollout.partial.enabled=false",
     "model.hidden_size=64", "model.num_layers=2", "model.num_heads=2", "model.num_kv_heads=2",
     "model.intermediate_size=128",
     "data.levels=[1,2,3,4,5]", "data.train_per_level=40", "data.test_per_level=2",
-    "data.demos={1:200,2:0,3:0,4:0,5:0}", "curriculum=all_levels",
+    "data.demos={1:200,2:0,3:0,4:0,5:0}", "data.confirm_prob=0", "curriculum=all_levels",
     "curriculum.stages=[{start:0,levels:{1:1.0}}]",
     # a short SFT start at a constant rate on all 200 demonstrations: some level-1 answers
     "sft.steps=150", "sft.batch_size=16", "sft.lr=1e-2", "sft.control=false",
