@@ -325,7 +325,7 @@ def plot(rows: list[dict], threshold: float, path: Path) -> None:
     ax.set_ylim(-2, 102)
     ax.set_title("Ablations: mean over seeds, min-max shaded")
     if drawn:
-        ax.legend(fontsize=8, loc="lower right")
+        ax.legend(fontsize=8, loc="best")
     else:
         ax.text(0.5, 0.5, "no finished run", ha="center", transform=ax.transAxes)
     fig.tight_layout()
