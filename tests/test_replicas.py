@@ -210,6 +210,7 @@ def test_replica_metrics():
     stats = ReplicaStats(requests=[3, 5], tokens=[30, 10], seconds=[2.0, 1.0],
                          idle_fraction=[0.1, 0.5])
     m = stats.metrics()
-    assert m["rollout/replicas"] == 2 and m["rollout/imbalance"] == pytest.approx(2.0 / 1.5)
+    assert m["rollout/replicas"] == 2
+    assert m["time/rollout_imbalance"] == pytest.approx(2.0 / 1.5)
     assert m["replica/1/requests"] == 5 and m["replica/0/tokens"] == 30
-    assert m["replica/1/rollout_seconds"] == 1.0 and m["replica/0/idle_fraction"] == 0.1
+    assert m["time/rollout_replica_1"] == 1.0 and m["replica/0/idle_fraction"] == 0.1

@@ -35,14 +35,15 @@ class ReplicaStats:
         mean = sum(self.seconds) / n if n else 0.0
         m: dict[str, float] = {
             "rollout/replicas": n,
-            # max / mean of the replicas' generate times: 1 is perfectly balanced
-            "rollout/imbalance": max(self.seconds) / mean if mean > 0 else 1.0,
+            # max / mean of the replicas' generate times: 1 is perfectly balanced (clock
+            # figures go under time/)
+            "time/rollout_imbalance": max(self.seconds) / mean if mean > 0 else 1.0,
         }
         for r in range(n):
             m[f"replica/{r}/requests"] = self.requests[r]
             m[f"replica/{r}/tokens"] = self.tokens[r]
-            m[f"replica/{r}/rollout_seconds"] = self.seconds[r]
             m[f"replica/{r}/idle_fraction"] = self.idle_fraction[r]
+            m[f"time/rollout_replica_{r}"] = self.seconds[r]
         return m
 
 
