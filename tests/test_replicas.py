@@ -118,7 +118,8 @@ class CountingEngine(TorchEngine):
 def test_two_replicas_equal_one(make_model, tokenizer):
     """Partial rollouts (budget 6 tokens, cap 20) over 4 iterations, new groups each time:
     two replicas (threads) generate disjoint shares, both end every iteration with the
-    same finished groups as the one-replica run, and the per-replica figures add up."""
+    same finished groups as the one-replica run, the per-replica figures add up, and the
+    replay buffer saved after iteration 1 resumes in a world of one replica."""
     model, probs = make_model(std=0.3), problems(12)
     params = SamplingParams(temperature=1.0)
 
@@ -156,6 +157,7 @@ def test_two_replicas_equal_one(make_model, tokenizer):
 
     results: list = [None, None]
     engines = [engine(), engine()]
+    saved: list = []
 
     def replica(r):
         m, out = manager(), []
@@ -164,6 +166,8 @@ def test_two_replicas_equal_one(make_model, tokenizer):
             feed(m, it)
             done, stats = m.step(engines[r], it, 20, params, decode, reps)
             out.append(([(s.problem.id, s.tokens, s.finish_reason) for s in done], stats))
+            if it == 1 and r == 0:  # the checkpoint's rollout state after iteration 1
+                saved.append(copy.deepcopy(m.state_dict()))
         results[r] = out
 
     threads = [threading.Thread(target=replica, args=(r,)) for r in range(2)]
@@ -183,6 +187,16 @@ def test_two_replicas_equal_one(make_model, tokenizer):
         assert results[0][it][1].replicas.requests == results[1][it][1].replicas.requests
     # each replica's engine saw only its share: the two engines' requests add up to the
     # one-replica engine's, and both worked
+    # resumed from iteration 2 in a world of one: the buffered continuations of both
+    # replicas go on there, and iterations 2 and 3 finish the same groups
+    assert any(t["replica"] == 1 and t["finish_reason"] is None
+               for g in saved[0]["groups"] for t in g), "nothing parked on replica 1"
+    resumed = manager()
+    resumed.load_state_dict(saved[0], {p.id: p for p in probs})
+    for it in (2, 3):
+        feed(resumed, it)
+        done, _ = resumed.step(engine(), it, 20, params, decode)
+        assert [(s.problem.id, s.tokens, s.finish_reason) for s in done] == ref_out[it][0]
     seen = [sum(engines[r].calls) for r in range(2)]
     assert sum(seen) == sum(ref_engine.calls) and min(seen) > 0
     shares = [[results[r][it][1].replicas.requests[r] for it in range(4)] for r in range(2)]
