@@ -26,6 +26,16 @@ TorchEngine._run), iteration n:
      regenerated from scratch (fresh length draw for the same problem, not started yet);
   5. iteration time = rollout + train + weight_sync (rollout and training alternate).
 
+Rollout replicas (`placement`, `replica_scaling`): the workers as rollout replicas, each
+with its own queue, the iteration's groups split by the naive contiguous split or by the
+balanced rule of kimi_rl/rollout/assign.py (expected cost: context plus the remaining
+budget for a continuation, for a new trajectory the mean finished length so far; the model
+has no per-problem history). replica_scaling: rollout throughput (generated tokens per
+rollout second) of W replicas relative to W x one replica with 1/W of the batch. Measured
+with the defaults (64 x 32 slots, seed 0): partial with refill (budget 12288) balanced 0.87,
+naive 0.62; without refill (4096) balanced 0.87, naive 0.56. The 0.9 target is not reached:
+the slowest of 64 replicas still sets the iteration's rollout time.
+
 Cost model (defaults; assumptions for a ~7B GQA model, e.g. Qwen2.5-7B, one H100 per worker):
   step_base = 10 ms           one decode step reads the 15 GB of bf16 weights (~5 ms at
                               ~3 TB/s) plus launch/sampling/scheduler overhead.
