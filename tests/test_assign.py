@@ -7,8 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from kimi_rl.rollout.assign import (GroupCost, LengthHistory, assign, contiguous, loads,
-                                    lower_bound)
+from kimi_rl.rollout.assign import GroupCost, LengthHistory, assign, contiguous, loads, lower_bound
 
 
 def test_longest_first_onto_least_loaded_by_hand():
