@@ -163,6 +163,14 @@ class RolloutConfig:
     # when empty) max_new_tokens. A response that reaches the cap ends as truncated.
     max_new_tokens_schedule: Dict[int, int] = field(default_factory=dict)
     max_batch_size: int = 512  # sequences per engine call
+    # rollout replicas under torchrun (README "Rollout replicas"): each generates a share
+    # of the iteration's request groups, and all ranks then hold the whole batch.
+    # 1: every rank generates every request; N (dividing the world size): N replicas of
+    # world / N ranks; 0: one replica per rank. Torch engine only for now
+    replicas: int = 1
+    # a buffered continuation stays on the replica that started it unless that makes the
+    # replica's expected load exceed (1 + margin) x the balanced load
+    replica_margin: float = 0.25
     # stop a response that ends in a loop: a block of p <= repeat_max_period tokens
     # repeated at least repeat_min_repeats times over at least repeat_min_tokens tokens
     # (SPEC.md section 2, report section 2.6.2; finish reason "repeat")
@@ -482,6 +490,12 @@ def check_config(cfg: TrainConfig) -> None:
     require("reward.format_weight", rw.format_weight, math.isfinite(rw.format_weight),
             "a finite number")
     require("rollout.dtype", ro.dtype, ro.dtype in ENGINE_DTYPES, f"one of {list(ENGINE_DTYPES)}")
+    require("rollout.replicas", ro.replicas, ro.replicas >= 0,
+            "an integer >= 0 (0: one replica per rank)")
+    require("rollout.replicas", ro.replicas, ro.replicas == 1 or ro.engine == "torch",
+            "1 with rollout.engine=vllm (replicas run the torch engine for now)")
+    require("rollout.replica_margin", ro.replica_margin,
+            math.isfinite(ro.replica_margin) and ro.replica_margin >= 0, "a number >= 0")
     require("backend.autocast", cfg.backend.autocast, cfg.backend.autocast in AUTOCAST_DTYPES,
             f"one of {list(AUTOCAST_DTYPES)}")
     if cfg.backend.autocast is not None:

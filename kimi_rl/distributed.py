@@ -1,11 +1,13 @@
 """The loop under torchrun: process world, rank-0 outputs, checkpoints with a sharded policy.
 
-Every rank runs the whole loop. Sampling, rollouts and rewards are computed identically on
-every rank (same seeds, same weights, same code), so no samples travel between ranks:
-chosen over generating on rank 0 and broadcasting because it is how colocated vLLM engines
-run under torchrun anyway (external_launcher: every rank makes the same generate call),
-and it keeps the loop free of communication. `check_same` verifies it each iteration and
-stops the run if ranks diverge. Only the policy backend splits work (TP/PP/DP). Decisions
+Every rank runs the whole loop. Sampling, rewards and the replay buffer are computed
+identically on every rank (same seeds, same weights, same code). Rollouts are generated
+by rollout replicas (rollout.replicas, kimi_rl/rollout/replicas.py): with one, every rank
+generates every request and no samples travel between ranks; with more, each replica
+generates the share a plan computed identically on every rank gives it, and one
+all-gather (`all_gather`) gives every rank the whole batch in the same order.
+`check_same` verifies each iteration that the ranks hold the same batch and stops the run
+if they diverge. Only the policy backend splits work (TP/PP/DP). Decisions
 that depend on a clock or a signal are made once for all ranks (`agree_stop`, `broadcast_int`).
 Rank 0 alone writes run outputs (config, TensorBoard, summary, HF model, the non-policy
 part of checkpoints); the megatron policy writes its shards from every rank.
@@ -85,6 +87,15 @@ def check_same(what: str, value) -> None:
     if len(set(digests)) > 1:
         raise RuntimeError(f"{what} differ between ranks (digests {digests}): the rollouts "
                            f"must be identical on every rank")
+
+
+def all_gather(value) -> list:
+    """Every rank's `value` (anything picklable), in rank order: a collective."""
+    if world_size() == 1:
+        return [value]
+    out: list = [None] * world_size()
+    dist.all_gather_object(out, value, group=_cpu_group())
+    return out
 
 
 class NullLogger:

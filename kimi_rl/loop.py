@@ -49,6 +49,7 @@ from .rewards.repetition import RepeatDetection
 from .rewards.verify import get_verifier
 from .rollout.engine import SamplingParams
 from .rollout.partial import PartialRollouts, StepStats
+from .rollout.replicas import Replicas
 from .rollout.samples import Sample, score_groups
 from .sft import encode_demos, lr_at, run_sft, split_heldout
 
@@ -235,7 +236,8 @@ def rl_iteration(it, cfg, policy, engine, sampler, algo, tokenizer, by_id, param
     ids = sampler.sample(rollouts.new_groups_wanted(), it, exclude=rollouts.problems_in_flight())
     rollouts.add_groups([by_id[i] for i in ids], tokenizer, it)
     samples, step = rollouts.step(engine, it, cap, params,
-                                  lambda t: tokenizer.decode(t, skip_special_tokens=True))
+                                  lambda t: tokenizer.decode(t, skip_special_tokens=True),
+                                  build_replicas(cfg))
     t1 = time.perf_counter()
     weight = length_penalty_weight(it, cfg.reward.length_penalty_weight,
                                    cfg.reward.length_penalty_warmup)
@@ -259,6 +261,7 @@ def rl_iteration(it, cfg, policy, engine, sampler, algo, tokenizer, by_id, param
     m = rollout_metrics(samples, weight) if samples else {}
     m["rollout/max_new_tokens"] = cap
     m.update(partial_metrics(step, samples, masks, ages))
+    m.update(step.replicas.metrics())
     m.update(train_metrics)
     if hasattr(engine, "metrics"):  # engine-side rollout figures (vLLM: tokens/s, sync)
         m.update(engine.metrics())
@@ -300,7 +303,15 @@ def build_rollouts(cfg: TrainConfig) -> PartialRollouts:
         cfg.rollout.group_size, cfg.rollout.problems_per_iteration * cfg.rollout.group_size,
         budget=pr.budget if pr.enabled else None,
         max_trajectory_age=pr.max_trajectory_age if pr.enabled else None,
-        stale=pr.stale_trajectories, refill=pr.refill, prompt=prompt_format(cfg))
+        stale=pr.stale_trajectories, refill=pr.refill, prompt=prompt_format(cfg),
+        seed=cfg.seed)
+
+
+def build_replicas(cfg: TrainConfig) -> Replicas:
+    """This rank's rollout replica (rollout.replicas: 0 is one per rank)."""
+    world = distributed.world_size()
+    return Replicas(cfg.rollout.replicas or world, distributed.rank(), world,
+                    cfg.rollout.replica_margin, distributed.all_gather)
 
 
 def loss_masks(rollout: RolloutConfig, samples: list[Sample], it: int) -> list[list[bool]]:

@@ -262,7 +262,9 @@ def scalars(run: Path) -> dict[str, dict[int, float]]:
 def tp2_run(tmp) -> Path:
     run = tmp / "run_tp2"
     torchrun_args = readme_command("backend.tensor_parallel=2")
-    out = launch(torchrun_args + TINY + [f"run_dir={run}", "sft.control=false"])
+    # two rollout replicas (one per rank) beside the trainer's TP=2
+    out = launch(torchrun_args + TINY + [f"run_dir={run}", "sft.control=false",
+                                         "rollout.replicas=0"])
     (run.parent / "run_tp2.stdout").write_text(out)
     return run
 
@@ -287,6 +289,17 @@ def test_loop_tensor_parallel(tp2_run, tmp):
             "sft.control=false", "iterations=1"])
     mega, ref = scalars(tp2_run), scalars(hf_run)
     assert mega["reward/mean"][0] == ref["reward/mean"][0]
+    # two rollout replicas generated disjoint shares that make the whole batch (every rank
+    # ends the iteration with the same batch: the run checks it, see check_same), and the
+    # batch is the one-process run's (same tokens: same lengths, same rewards)
+    assert ref["rollout/replicas"][0] == 1 and mega["rollout/replicas"][0] == 2
+    for it in range(3):
+        shares = [mega[f"replica/{r}/requests"][it] for r in range(2)]
+        assert min(shares) > 0 and sum(shares) == mega["rollout/requests"][it]
+        tokens = [mega[f"replica/{r}/tokens"][it] for r in range(2)]
+        assert sum(tokens) == mega["rollout/generated_tokens"][it]
+    for tag in ("rollout/generated_tokens", "response_length/mean", "accuracy/train"):
+        assert mega[tag][0] == ref[tag][0], tag
     for tag in ("loss/policy", "train/entropy", "train/grad_norm"):
         assert abs(mega[tag][0] - ref[tag][0]) <= 1e-4 * abs(ref[tag][0]) + 1e-7, tag
 

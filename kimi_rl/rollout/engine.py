@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -14,10 +15,23 @@ from ..rewards.repetition import RepeatDetection
 @dataclass
 class Request:
     """Generate a continuation of `prompt_ids + prefix_ids`; `prefix_ids` are response
-    tokens produced earlier (the continuation of a partial rollout)."""
+    tokens produced earlier (the continuation of a partial rollout). `key` (see
+    `sample_key`): the request's own random stream, so that its tokens do not depend on
+    which other requests share its batch, replica or world; None: the engine's stream.
+    In one generate call either every request has a key or none has."""
 
     prompt_ids: list[int]
     prefix_ids: list[int] = field(default_factory=list)
+    key: int | None = None
+
+
+def sample_key(seed: int, problem_id: str, index: int, iteration: int, segment: int) -> int:
+    """A 64-bit key for the randomness of one generated segment: sample `index` of the
+    group of problem `problem_id`, segment `segment` (0: the first) generated at
+    `iteration`, in a run seeded with `seed`. A function of these alone, not of the
+    replica, batch or world size that generates it."""
+    text = f"{seed}\0{problem_id}\0{index}\0{iteration}\0{segment}".encode()
+    return int.from_bytes(hashlib.blake2b(text, digest_size=8).digest(), "little")
 
 
 @dataclass

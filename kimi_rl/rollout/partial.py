@@ -31,7 +31,9 @@ from transformers import PreTrainedTokenizerBase
 
 from ..data.problems import Problem
 from ..prompts import PromptFormat
-from .engine import Request, RolloutEngine, SamplingParams
+from .assign import LengthHistory
+from .engine import Request, RolloutEngine, SamplingParams, sample_key
+from .replicas import Replicas, ReplicaStats, idle_fraction
 from .samples import Sample, encode_prompt
 
 STALE_ACTIONS = ("drop", "regenerate")
@@ -53,6 +55,7 @@ class StepStats:
     buffered_tokens: int = 0  # their tokens so far
     waiting: int = 0  # finished trajectories waiting for the rest of their group
     groups_in_flight: int = 0
+    replicas: ReplicaStats = field(default_factory=ReplicaStats)
 
 
 @dataclass
@@ -75,8 +78,12 @@ class PartialRollouts:
     stale: str = "regenerate"
     refill: bool = False
     prompt: PromptFormat | None = None  # how problems are encoded (None: raw)
+    # requests carry sample_key(seed, problem, sample index, iteration, segment): samples
+    # that do not depend on the replica, batch or world size. None: the engine's stream
+    seed: int | None = None
     groups: dict[int, list[Sample]] = field(default_factory=dict)  # in flight, oldest first
     next_group: int = 0
+    lengths: LengthHistory = field(default_factory=LengthHistory)  # expected new tokens
 
     def __post_init__(self) -> None:
         if self.stale not in STALE_ACTIONS:
@@ -112,9 +119,13 @@ class PartialRollouts:
             self.next_group += 1
 
     def step(self, engine: RolloutEngine, iteration: int, cap: int, params: SamplingParams,
-             decode: Callable[[list[int]], str]) -> tuple[list[Sample], StepStats]:
+             decode: Callable[[list[int]], str], replicas: Replicas | None = None
+             ) -> tuple[list[Sample], StepStats]:
         """Generate this iteration's segments; return the samples of the groups that are
-        now complete (group by group, the order they entered) and what happened."""
+        now complete (group by group, the order they entered) and what happened. With
+        `replicas`, each replica generates its assigned groups and every rank gets all
+        segments (the same on every rank)."""
+        replicas = replicas or Replicas()
         stats = StepStats()
         self._handle_stale(iteration, stats)
         todo = self.unfinished()
@@ -127,14 +138,23 @@ class PartialRollouts:
         stats.carried_tokens = sum(len(s.tokens) for s in todo)
         limits = [cap - len(s.tokens) if self.budget is None
                   else min(self.budget, cap - len(s.tokens)) for s in todo]
-        requests = [Request(s.prompt_ids, s.tokens) for s in todo]
+        requests = [Request(s.prompt_ids, s.tokens, self._key(s, iteration)) for s in todo]
         window = self.refill and self.budget is not None
-        segments = engine.generate(requests, limits, params,
-                                   max_running=self.slots if window else None,
-                                   max_steps=self.budget if window else None) if todo else []
-        for s, seg in zip(todo, segments, strict=True):
+        # expected cost: context tokens plus the tokens it may generate (a new one: the
+        # mean length of its problem, else its level, so far, within its limit)
+        costs = [len(s.prompt_ids) + len(s.tokens)
+                 + (n if s.tokens else min(n, self.lengths.expected(
+                     s.problem.id, s.problem.level, n)))
+                 for s, n in zip(todo, limits, strict=True)]
+        segments, where, stats.replicas = replicas.generate(
+            engine, requests, limits, [s.group for s in todo],
+            [s.replica if s.tokens else None for s in todo], costs, params,
+            max_running=self.slots if window else None,
+            max_steps=self.budget if window else None)
+        for s, seg, r in zip(todo, segments, where, strict=True):
             if seg.finish_reason == "pending":  # not started before the call ended
                 continue
+            s.replica = r
             if not s.segments:
                 s.started = iteration
             s.tokens = s.tokens + seg.tokens
@@ -143,20 +163,21 @@ class PartialRollouts:
             if seg.finish_reason != "length" or len(s.tokens) >= cap:
                 s.finish_reason = seg.finish_reason
                 s.text = decode(s.tokens)
-        lengths = [len(seg.tokens) for seg in segments]
         stats.requests = sum(seg.finish_reason != "pending" for seg in segments)
-        stats.generated_tokens = sum(lengths)
-        cut = any(seg.finish_reason == "pending" or
-                  (seg.finish_reason == "length" and len(seg.tokens) < n)
-                  for seg, n in zip(segments, limits, strict=True))
-        steps = self.budget if window and cut else max(lengths, default=0)
-        if steps:  # decode steps of the call (approximate without a cut), times its rows
-            stats.idle_fraction = 1.0 - sum(lengths) / (min(len(todo), self.slots) * steps)
+        stats.generated_tokens = sum(len(seg.tokens) for seg in segments)
+        # decode steps of the call (approximate without a cut), times its rows; with
+        # replicas, the mean of the replicas' own
+        idle = stats.replicas.idle_fraction
+        stats.idle_fraction = (sum(idle) / len(idle) if len(idle) > 1 else idle_fraction(
+            segments, limits, self.slots, self.budget if window else None))
 
         done: list[Sample] = []
         for gid in [g for g, members in self.groups.items()
                     if all(s.finish_reason is not None for s in members)]:
-            done += self.groups.pop(gid)
+            finished = self.groups.pop(gid)
+            self.lengths.update((x.problem.id, x.problem.level, len(x.tokens))
+                                for x in finished)
+            done += finished
             stats.groups_finished += 1
         rest = [s for g in self.groups.values() for s in g]
         stats.buffered = sum(1 for s in rest if s.finish_reason is None)
@@ -164,6 +185,13 @@ class PartialRollouts:
         stats.waiting = len(rest) - stats.buffered
         stats.groups_in_flight = len(self.groups)
         return done, stats
+
+    def _key(self, s: Sample, iteration: int) -> int | None:
+        """The random key of trajectory `s`'s next segment (None without a seed)."""
+        if self.seed is None:
+            return None
+        index = next(i for i, x in enumerate(self.groups[s.group]) if x is s)
+        return sample_key(self.seed, s.problem.id, index, iteration, len(s.segments))
 
     def _handle_stale(self, iteration: int, stats: StepStats) -> None:
         if self.max_trajectory_age is None:
@@ -189,8 +217,10 @@ class PartialRollouts:
             "groups": [[{"problem": s.problem.id, "group": s.group, "prompt_ids": s.prompt_ids,
                          "tokens": s.tokens, "logprobs": s.logprobs,
                          "finish_reason": s.finish_reason, "text": s.text,
-                         "segments": [list(x) for x in s.segments], "started": s.started}
+                         "segments": [list(x) for x in s.segments], "started": s.started,
+                         "replica": s.replica}
                         for s in members] for members in self.groups.values()],
+            "lengths": self.lengths.state_dict(),
         }
 
     def load_state_dict(self, state: dict, problems: dict[str, Problem]) -> None:
@@ -204,6 +234,9 @@ class PartialRollouts:
                 out.append(Sample(problems[d["problem"]], d["group"], list(d["prompt_ids"]),
                                   list(d["tokens"]), list(d["logprobs"]), d["finish_reason"],
                                   text=d["text"], segments=[tuple(x) for x in d["segments"]],
-                                  started=d["started"]))
+                                  started=d["started"], replica=d.get("replica")))
             groups[out[0].group] = out
         self.groups, self.next_group = groups, state["next_group"]
+        self.lengths = LengthHistory()
+        if "lengths" in state:  # checkpoints written before length history have none
+            self.lengths.load_state_dict(state["lengths"])

@@ -36,6 +36,7 @@ class Sample:
     reward: float = 0.0
     segments: list[tuple[int, int]] = field(default_factory=list)
     started: int = 0  # iteration of the first segment
+    replica: int | None = None  # rollout replica that generated its latest segment
 
     def token_iterations(self) -> list[int]:
         """The iteration (policy version) that generated each token."""

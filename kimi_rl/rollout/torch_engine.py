@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Iterable, Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -64,10 +65,26 @@ def inverse_cdf(probs: Tensor, u: Tensor) -> Tensor:
     return b * CDF_BLOCK + _first_above(inner, target - before)
 
 
-def sample_tokens(logits: Tensor, params: SamplingParams, generator: torch.Generator
-                  ) -> tuple[Tensor, Tensor]:
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+
+
+def keyed_uniforms(keys: np.ndarray, counters: np.ndarray) -> Tensor:
+    """Uniforms in [0, 1) (float64), one per row: draw number `counters[i]` (0, 1, ...) of
+    the SplitMix64 stream seeded with `keys[i]` (uint64). A counter-based generator: a
+    row's draw depends on its key and counter alone, not on the other rows."""
+    with np.errstate(over="ignore"):
+        z = keys.astype(np.uint64) + (counters.astype(np.uint64) + np.uint64(1)) * _GOLDEN
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        z = z ^ (z >> np.uint64(31))
+    return torch.from_numpy((z >> np.uint64(11)).astype(np.float64) * 2.0 ** -53)
+
+
+def sample_tokens(logits: Tensor, params: SamplingParams, generator: torch.Generator,
+                  u: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Next tokens and their logprobs under softmax(logits / temperature); greedy takes
-    the argmax and reports its logprob under the same tempered distribution."""
+    the argmax and reports its logprob under the same tempered distribution. `u`: the
+    rows' uniforms (float64 in [0, 1)); None: drawn from `generator`."""
     if not params.temperature > 0:
         raise ValueError(f"sampling: temperature must be > 0, got {params.temperature} "
                          "(use greedy=True for argmax decoding)")
@@ -83,7 +100,8 @@ def sample_tokens(logits: Tensor, params: SamplingParams, generator: torch.Gener
         probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
     # torch.multinomial draws an exponential per vocabulary entry: ~10x slower at a 49K
     # vocabulary than one uniform per row
-    u = torch.rand(len(probs), generator=generator, dtype=torch.float64)
+    if u is None:
+        u = torch.rand(len(probs), generator=generator, dtype=torch.float64)
     tok = inverse_cdf(probs, u)
     return tok, logp.gather(-1, tok[:, None])[:, 0]
 
@@ -184,7 +202,9 @@ class TorchEngine:
         """At most `max_running` sequences (default and cap: max_batch_size) decode at once;
         a queued request starts when running ones end (continuous batching, in order). With
         `max_steps` the call ends after that many decode steps: running sequences end with
-        "length", requests not yet started get an empty Segment with "pending"."""
+        "length", requests not yet started get an empty Segment with "pending". Requests
+        with keys draw token j of their segment from keyed_uniforms(key, j): the same
+        whatever else is in the call (params.seed and the engine's stream are not used)."""
         limits = ([max_new_tokens] * len(requests) if isinstance(max_new_tokens, int)
                   else list(max_new_tokens))
         gen = self.generator
@@ -206,6 +226,10 @@ class TorchEngine:
         reason = ["length" if n <= 0 else "pending" for n in limits]  # requests with limit 0
         queue = deque(i for i in range(B) if limits[i] > 0)  # never start
         ctx = [list(r.prompt_ids) + list(r.prefix_ids) for r in requests]
+        keyed = [r.key is not None for r in requests]
+        if any(keyed) and not all(keyed):
+            raise ValueError("generate: either every request has a key or none has")
+        keys = np.array([r.key for r in requests], dtype=np.uint64) if any(keyed) else None
         tracker = (RepeatTracker(params.repeat, B, [r.prefix_ids for r in requests])
                    if params.repeat is not None else None)
 
@@ -223,8 +247,10 @@ class TorchEngine:
         next_pos = mask.sum(-1)
         step = 0
         while True:
-            tok, lp = sample_tokens(logits, params, generator)
             col = lengths[active]
+            u = (None if keys is None or params.greedy
+                 else keyed_uniforms(keys[active.numpy()], col.numpy()))
+            tok, lp = sample_tokens(logits, params, generator, u)
             tokens[active, col] = tok
             logps[active, col] = lp
             lengths[active] += 1

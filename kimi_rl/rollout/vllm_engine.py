@@ -335,7 +335,12 @@ class VllmEngine:
                   else list(max_new_tokens))
         if len(limits) != len(requests):
             raise ValueError(f"generate: {len(limits)} token limits for {len(requests)} requests")
-        if params.seed is not None:
+        keyed = [r.key is not None for r in requests]
+        if any(keyed) and not all(keyed):
+            raise ValueError("generate: either every request has a key or none has")
+        if any(keyed):  # the request's own seed: independent of its batch
+            seeds = [r.key % (2**31 - 1) for r in requests]
+        elif params.seed is not None:
             seeds = [params.seed + i for i in range(len(requests))]
         else:
             seeds = torch.randint(0, 2**31 - 1, (len(requests),), generator=self.generator
