@@ -422,8 +422,8 @@ def optimize(cfg: TrainConfig, policy, algo, samples: list[Sample], masks: list[
     if cfg.algo.reset_optimizer:
         policy.reset_optimizer()
     if cfg.algo.lr_warmup_iterations:
-        policy.set_lr(rl_lr(cfg.algo, it))
         metrics["train/lr"] = rl_lr(cfg.algo, it)
+        policy.set_lr(metrics["train/lr"])
     steps = []
     for _ in range(cfg.algo.epochs):
         for chunk in chunks:
