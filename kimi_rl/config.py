@@ -293,10 +293,22 @@ class SFTConfig:
     batch_size: int = 64
     lr: float = 3e-3  # peak learning rate
     warmup_steps: int = 30  # linear warmup to lr
-    # after the warmup: cosine (decays to lr * final_lr_ratio at the last step) | constant.
+    # after the warmup: cosine (decays to lr * final_lr_ratio at the last step) | constant |
+    # wsd (warmup-stable-decay: constant, then the cosine over the last `decay_steps`).
     # At a constant rate the model RL starts from is whatever the last noisy steps left
     schedule: str = "cosine"
     final_lr_ratio: float = 0.05
+    decay_steps: int = 50  # wsd: length of the final decay
+    # wsd: the stable phase ends as soon as the held-out loss is at most this (measured
+    # every `eval_every` steps), so the run lasts as long as the demonstrations take to be
+    # learned, at most `steps` (null: the stable phase lasts until steps - decay_steps).
+    # How long a small model sits on a loss plateau before it learns varies with the seed;
+    # a fixed step count then stops some seeds on the plateau
+    target_loss: Optional[float] = None
+    # Adam's betas for SFT (RL uses algo.betas). With beta2 = 0.999 the second moment
+    # trails a growth of the gradients by ~1000 steps, and the update outgrows the step
+    # size (loss spikes at a high peak rate); 0.95 follows within ~20 steps
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.95])
     heldout: int = 256  # demonstrations held out for the held-out SFT loss (at most 1/4)
     eval_every: int = 50  # held-out loss every N steps (and after the last)
     select: str = "best"  # best (lowest held-out loss of those measured) | final: weights kept
@@ -455,7 +467,7 @@ class TrainConfig:
 
 
 TRUNCATED_REWARDS = ("verify", "zero")
-SFT_SCHEDULES = ("cosine", "constant")
+SFT_SCHEDULES = ("cosine", "constant", "wsd")
 SFT_SELECT = ("best", "final")
 LENGTH_PENALTY_GROUPS = ("all", "solved")
 REF_LOGPROBS = ("trainer", "rollout")
@@ -513,7 +525,14 @@ def check_config(cfg: TrainConfig) -> None:
             "a number in [0, 1]")
     require("algo.lr_warmup_iterations", cfg.algo.lr_warmup_iterations,
             cfg.algo.lr_warmup_iterations >= 0, "an integer >= 0")
-    for key in ("steps", "warmup_steps", "heldout", "eval_every"):
+    if sft.target_loss is not None:
+        require("sft.target_loss", sft.target_loss, sft.schedule == "wsd",
+                "null unless sft.schedule=wsd (only its stable phase can end early)")
+        require("sft.target_loss", sft.target_loss, sft.heldout > 0 and sft.eval_every > 0,
+                "null without a held-out loss to compare (sft.heldout and sft.eval_every > 0)")
+    require("sft.betas", list(sft.betas), len(sft.betas) == 2 and all(
+        0 <= b < 1 for b in sft.betas), "two numbers in [0, 1)")
+    for key in ("steps", "warmup_steps", "heldout", "eval_every", "decay_steps"):
         require(f"sft.{key}", getattr(sft, key), getattr(sft, key) >= 0, "an integer >= 0")
     require("reward.length_penalty_groups", rw.length_penalty_groups,
             rw.length_penalty_groups in LENGTH_PENALTY_GROUPS,

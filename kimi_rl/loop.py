@@ -51,7 +51,7 @@ from .rollout.engine import SamplingParams
 from .rollout.partial import PartialRollouts, StepStats
 from .rollout.replicas import Replicas
 from .rollout.samples import Sample, score_groups
-from .sft import encode_demos, lr_at, run_sft, split_heldout
+from .sft import encode_demos, run_sft, split_heldout
 
 # summary.json always holds these keys (null where a phase did not run or nothing was
 # correct), besides run_dir, rl_seconds, the eval_it<N> results and the per-phase details
@@ -147,19 +147,23 @@ def train(cfg: TrainConfig, run_dir: str | Path, preempt: Preemption | None = No
                 summary["sft"] = {"from_run": str(cfg.sft.from_run)}
                 log.print(f"sft cold start: loaded from {path}")
             else:
-                bar = log.start_bar("sft", cfg.sft.steps)
+                bar = log.start_bar("sft", cfg.sft.steps)  # at most; a target can end it early
+                shown: dict[str, str] = {}
 
-                def on_step(step, loss):
-                    bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
+                def on_step(step, loss, lr):
+                    shown["loss"] = f"{loss:.3f}"
+                    bar.set_postfix(shown, refresh=False)
                     bar.update(1)
-                    log.phase_scalars("sft", {"sft/loss": loss, "sft/lr": lr_at(
-                        cfg.sft, step - 1, cfg.sft.steps)}, step)
+                    log.phase_scalars("sft", {"sft/loss": loss, "sft/lr": lr}, step)
                     stop_if_requested("during the SFT cold start")
+
+                def on_eval(step, loss):
+                    shown["held-out"] = f"{loss:.3f}"
+                    log.phase_scalars("sft", {"sft/heldout_loss": loss}, step)
 
                 summary["sft"] = run_sft(
                     policy, demos, cfg.sft, cfg.seed, cfg.sft.steps, heldout, on_step,
-                    on_eval=lambda step, loss: log.phase_scalars(
-                        "sft", {"sft/heldout_loss": loss}, step))
+                    on_eval=on_eval)
                 log.print(sft_report("sft cold start", summary["sft"], len(demos),
                                      len(heldout)))
             engine.update_weights(policy.export_weights())
@@ -496,7 +500,9 @@ def rollout_metrics(samples: list[Sample], weight: float) -> dict[str, float]:
 def sft_report(what: str, stats: dict, n_demos: int, n_heldout: int) -> str:
     held = (f", held-out loss {stats['heldout_loss']:.4f} (weights of step "
             f"{stats['best_step']})" if "heldout_loss" in stats else "")
-    return (f"{what}: {stats['steps']} steps, last batch loss {stats['loss']:.4f}{held}, "
+    decay = (f" (decay from step {stats['lr_decay_start']})"
+             if stats.get("lr_decay_start") is not None else "")
+    return (f"{what}: {stats['steps']} steps{decay}, last batch loss {stats['loss']:.4f}{held}, "
             f"{stats['seconds']:.1f} s on {n_demos} demonstrations ({n_heldout} held out)")
 
 
@@ -510,7 +516,7 @@ def sft_control(cfg, run_dir, policy, engine, demos, heldout, summary, run_eval,
     per_step = sft.get("seconds", 0.0) / max(sft.get("steps", 0), 1)
     steps = distributed.broadcast_int(
         max(1, round(summary["rl_seconds"] / per_step)) if per_step > 0 else cfg.sft.steps)
-    stats = run_sft(policy, demos, cfg.sft, cfg.seed + 7, steps, heldout)
+    stats = run_sft(policy, demos, cfg.sft, cfg.seed + 7, steps, heldout, until_target=False)
     log.print(sft_report("sft control", stats, len(demos), len(heldout)))
     engine.update_weights(policy.export_weights())
     run_eval("SFT control", "sft_control")

@@ -6,6 +6,12 @@ model RL starts from, are small ones: at a constant rate the final model is what
 last noisy steps left, and which one that is depends on float rounding. A slice of the
 demonstrations is held out; its loss is measured every `eval_every` steps and at the end,
 and `select="best"` keeps the weights of the best measurement.
+
+`schedule="wsd"` (warmup-stable-decay) holds the peak rate and decays over the last
+`decay_steps`; with `target_loss`, the decay starts as soon as the held-out loss reaches
+the target. A small model can sit on a loss plateau for a number of steps that varies with
+the seed before it learns the task, and a fixed step count then ends some seeds'
+cold starts on the plateau; a target ends each one when its demonstrations are learned.
 """
 
 from __future__ import annotations
@@ -98,16 +104,23 @@ def split_heldout(data: Sequence[Demo], n: int, seed: int) -> tuple[list[Demo], 
             [d for i, d in enumerate(data) if i in held])
 
 
-def lr_at(cfg: SFTConfig, step: int, total: int) -> float:
+def lr_at(cfg: SFTConfig, step: int, total: int, decay_start: int | None = None) -> float:
     """The learning rate of step `step` (0-based) of `total`: linear warmup over
-    `warmup_steps`, then constant or a cosine from `lr` down to `lr * final_lr_ratio` at
-    the last step."""
+    `warmup_steps`, then constant, or a cosine from `lr` down to `lr * final_lr_ratio` at
+    the last step. The cosine starts after the warmup (`schedule="cosine"`) or at
+    `decay_start` (`"wsd"`; by default `total - decay_steps`)."""
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
     if cfg.schedule == "constant":
         return cfg.lr
-    span = max(total - 1 - cfg.warmup_steps, 1)
-    frac = min(1.0, (step - cfg.warmup_steps) / span)
+    if cfg.schedule == "wsd":
+        start = total - cfg.decay_steps if decay_start is None else decay_start
+    else:
+        start = cfg.warmup_steps
+    start = max(start, cfg.warmup_steps)
+    if step < start:
+        return cfg.lr
+    frac = min(1.0, (step - start) / max(total - 1 - start, 1))
     low = cfg.lr * cfg.final_lr_ratio
     return low + (cfg.lr - low) * 0.5 * (1.0 + math.cos(math.pi * frac))
 
@@ -130,24 +143,34 @@ def heldout_loss(policy: HFPolicy, data: Sequence[Demo]) -> float:
 
 
 def run_sft(policy: HFPolicy, data: Sequence[Demo], cfg: SFTConfig, seed: int, steps: int,
-            heldout: Sequence[Demo] = (), on_step=None, on_eval=None) -> dict:
-    """Minimise the mean token NLL of the responses over `steps` random batches with a
-    fresh optimizer and the schedule of `lr_at`. With `heldout` demonstrations, their loss
-    is measured every `cfg.eval_every` steps and after the last; `cfg.select="best"` then
-    leaves the policy at the weights of the lowest one. `on_step(step, loss)` after each
-    step, `on_eval(step, heldout_loss)` after each measurement.
+            heldout: Sequence[Demo] = (), on_step=None, on_eval=None,
+            until_target: bool = True) -> dict:
+    """Minimise the mean token NLL of the responses over at most `steps` random batches
+    with a fresh optimizer (`cfg.betas`) and the schedule of `lr_at`. With `heldout`
+    demonstrations, their loss is measured every `cfg.eval_every` steps and after the
+    last; `cfg.select="best"` then leaves the policy at the weights of the lowest one. With
+    the wsd schedule and `cfg.target_loss` (and `until_target`), the first measurement at
+    or below the target starts the decay: the run ends `cfg.decay_steps` later.
+    `on_step(step, loss, lr)` after each step, `on_eval(step, heldout_loss)` after each
+    measurement.
 
-    Returns steps, the last batch's loss, seconds, and (with `heldout`) heldout_loss (the
-    kept weights') and best_step."""
+    Returns steps (those run), the last batch's loss, seconds, lr_decay_start (wsd), and
+    (with `heldout`) heldout_loss (the kept weights') and best_step."""
     if not data:
         raise ValueError("sft: no demonstrations (data.demos selects none)")
+    target = cfg.target_loss if until_target and cfg.schedule == "wsd" else None
+    if target is not None and not (heldout and cfg.eval_every):
+        raise ValueError("sft.target_loss: no held-out loss to compare it with "
+                         "(sft.heldout and sft.eval_every must be > 0)")
     rng = random.Random(seed)
-    policy.reset_optimizer(cfg.lr)
+    policy.reset_optimizer(cfg.lr, list(cfg.betas))
     start, loss = time.perf_counter(), float("nan")
+    total = steps
+    decay_start = max(steps - cfg.decay_steps, 0) if cfg.schedule == "wsd" else None
     # the measurement kept: (held-out loss, step, weights when they must be restored)
     best: tuple[float, int, dict | None] = (math.inf, 0, None)
 
-    def measure(step: int) -> None:
+    def measure(step: int) -> float:
         nonlocal best
         loss = heldout_loss(policy, heldout)
         if on_eval is not None:
@@ -156,20 +179,28 @@ def run_sft(policy: HFPolicy, data: Sequence[Demo], cfg: SFTConfig, seed: int, s
             best = (loss, step, None)
         elif loss < best[0]:
             best = (loss, step, copy.deepcopy(policy.model.state_dict()))
+        return loss
 
-    for step in range(steps):
-        policy.set_lr(lr_at(cfg, step, steps))
+    step = 0
+    while step < total:
+        lr = lr_at(cfg, step, total, decay_start)
+        policy.set_lr(lr)
         batch = [data[rng.randrange(len(data))] for _ in range(cfg.batch_size)]
         micro = pack([p for p, _ in batch], [r for _, r in batch], policy.cfg.micro_batch_tokens)
         loss = policy.train_step(micro, _nll_fn(sum(len(r) for _, r in batch)))["loss/nll"]
+        step += 1
         if on_step is not None:
-            on_step(step + 1, loss)
-        if heldout and cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < steps:
-            measure(step + 1)
-    stats = {"steps": steps, "loss": loss}
+            on_step(step, loss, lr)
+        if heldout and cfg.eval_every and step % cfg.eval_every == 0 and step < total:
+            measured = measure(step)
+            if target is not None and measured <= target and step < decay_start:
+                decay_start, total = step, min(step + cfg.decay_steps, total)
+    stats = {"steps": total, "loss": loss}
+    if decay_start is not None:
+        stats["lr_decay_start"] = decay_start
     if heldout:
-        measure(steps)
-        if best[2] is not None and best[1] != steps:
+        measure(total)
+        if best[2] is not None and best[1] != total:
             policy.model.load_state_dict(best[2])
         stats.update(heldout_loss=best[0], best_step=best[1])
     stats["seconds"] = time.perf_counter() - start

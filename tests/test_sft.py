@@ -36,6 +36,36 @@ def test_constant_schedule_keeps_the_peak():
         [5e-4, 1e-3, 1e-3, 1e-3, 1e-3, 1e-3])
 
 
+def test_wsd_schedule_holds_the_peak_then_decays_over_the_last_steps():
+    cfg = SFTConfig(lr=1e-3, warmup_steps=2, schedule="wsd", decay_steps=5,
+                    final_lr_ratio=0.0)
+    lrs = [lr_at(cfg, s, 12) for s in range(12)]
+    assert lrs[:7] == pytest.approx([5e-4] + [1e-3] * 6)  # warmup, then stable to step 6
+    # cosine over steps 7..11: lr * (1 + cos(pi * k / 4)) / 2 for k = 0..4
+    assert lrs[7:] == pytest.approx([1e-3 * (1 + math.cos(math.pi * k / 4)) / 2
+                                     for k in range(5)])
+    # an earlier decay start (the held-out target reached at step 4), run ending at 9
+    early = [lr_at(cfg, s, 9, decay_start=4) for s in range(9)]
+    assert early[:4] == pytest.approx([5e-4, 1e-3, 1e-3, 1e-3])
+    assert early[4] == pytest.approx(1e-3) and early[-1] == pytest.approx(0.0)
+
+
+def test_sft_config_checks_name_the_key():
+    from kimi_rl.config import check_config
+    cfg = OmegaConf.structured(TrainConfig)
+    cfg.sft.target_loss = 0.1  # with the cosine schedule: nothing can end early
+    with pytest.raises(ValueError, match="sft.target_loss"):
+        check_config(cfg)
+    cfg.sft.schedule, cfg.sft.heldout = "wsd", 0
+    with pytest.raises(ValueError, match="sft.target_loss"):
+        check_config(cfg)
+    cfg.sft.heldout, cfg.sft.betas = 64, [0.9, 1.5]
+    with pytest.raises(ValueError, match="sft.betas"):
+        check_config(cfg)
+    cfg.sft.betas = [0.9, 0.95]
+    check_config(cfg)
+
+
 def test_heldout_split_is_disjoint_and_seeded():
     data = [([i], [i, 99]) for i in range(100)]
     train, held = split_heldout(data, 10, seed=3)
@@ -67,8 +97,9 @@ def test_run_sft_follows_the_schedule_and_keeps_the_best_weights(tiny):
                     select="best")
     seen_lr, evals = [], {}
 
-    def on_step(step, loss):
+    def on_step(step, loss, lr):
         seen_lr.append(policy.optimizer.param_groups[0]["lr"])
+        assert lr == seen_lr[-1]
 
     stats = run_sft(policy, train, cfg, seed=0, steps=20, heldout=held, on_step=on_step,
                     on_eval=lambda step, loss: evals.__setitem__(step, loss))
@@ -101,3 +132,35 @@ def test_rl_learning_rate_warmup():
     assert [rl_lr(algo, i) for i in range(7)] == pytest.approx(
         [6e-5, 1.2e-4, 1.8e-4, 2.4e-4, 3e-4, 3e-4, 3e-4])
     assert rl_lr(AlgoConfig(lr=1e-4, lr_warmup_iterations=0), 0) == pytest.approx(1e-4)
+
+
+def test_held_out_target_starts_the_decay_and_ends_the_run_early(tiny):
+    policy, (train, held) = tiny
+    cfg = SFTConfig(lr=3e-2, warmup_steps=2, batch_size=8, eval_every=3, schedule="wsd",
+                    decay_steps=4, final_lr_ratio=0.0, select="final", betas=[0.9, 0.95])
+    # a reference run without a target: the held-out loss at each measurement
+    ref_evals: dict[int, float] = {}
+    start = {k: v.clone() for k, v in policy.model.state_dict().items()}
+    run_sft(policy, train, cfg, seed=2, steps=30, heldout=held,
+            on_eval=lambda step, loss: ref_evals.__setitem__(step, loss), until_target=False)
+    assert sorted(ref_evals) == list(range(3, 30, 3)) + [30]
+    # a target the third measurement (step 9) is the first to reach
+    cfg.target_loss = ref_evals[9] * 1.0001
+    assert all(ref_evals[s] > cfg.target_loss for s in (3, 6))
+    assert policy.optimizer.param_groups[0]["betas"] == (0.9, 0.95)
+
+    policy.model.load_state_dict(start)
+    seen, evals = [], {}
+    stats = run_sft(policy, train, cfg, seed=2, steps=30, heldout=held,
+                    on_step=lambda step, loss, lr: seen.append(lr),
+                    on_eval=lambda step, loss: evals.__setitem__(step, loss))
+    # same steps as the reference up to the target, then 4 decay steps: 13 in all
+    assert stats["steps"] == 13 and len(seen) == 13 and stats["lr_decay_start"] == 9
+    assert evals[9] == pytest.approx(ref_evals[9], rel=1e-5)
+    assert seen == pytest.approx([lr_at(cfg, s, 13, decay_start=9) for s in range(13)])
+    assert seen[:9] == pytest.approx([1.5e-2] + [3e-2] * 8) and seen[-1] == pytest.approx(0)
+    assert sorted(evals) == [3, 6, 9, 12, 13]
+    # the control's call ignores the target: it runs its steps, decaying at the end
+    policy.model.load_state_dict(start)
+    stats = run_sft(policy, train, cfg, seed=2, steps=30, heldout=held, until_target=False)
+    assert stats["steps"] == 30 and stats["lr_decay_start"] == 26

@@ -96,16 +96,17 @@ class HFPolicy:
         return not any(isinstance(m, torch.nn.modules.dropout._DropoutNd) and m.p > 0
                        for m in self.model.modules())
 
-    def _make_optimizer(self, lr: float | None = None) -> torch.optim.Optimizer:
+    def _make_optimizer(self, lr: float | None = None, betas=None) -> torch.optim.Optimizer:
         return torch.optim.AdamW(
             self.model.parameters(), lr=self.algo.lr if lr is None else lr,
-            betas=tuple(self.algo.betas), weight_decay=self.algo.weight_decay,
+            betas=tuple(self.algo.betas if betas is None else betas),
+            weight_decay=self.algo.weight_decay,
             fused=True,  # one kernel per step: 135M parameters in 0.12 s on 2 cores, not 0.3 s
         )
 
-    def reset_optimizer(self, lr: float | None = None) -> None:
-        """A fresh optimizer (no moments), at `lr` or the algorithm's learning rate."""
-        self.optimizer = self._make_optimizer(lr)
+    def reset_optimizer(self, lr: float | None = None, betas=None) -> None:
+        """A fresh optimizer (no moments), at `lr` and `betas` or the algorithm's."""
+        self.optimizer = self._make_optimizer(lr, betas)
 
     def set_lr(self, lr: float) -> None:
         for group in self.optimizer.param_groups:

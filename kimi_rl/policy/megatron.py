@@ -281,10 +281,12 @@ class MegatronPolicy:
             params_dtype=self.dtype, use_distributed_optimizer=self.cfg.distributed_optimizer)
         return get_megatron_optimizer(cfg, [self._ddp])
 
-    def reset_optimizer(self, lr: float | None = None) -> None:
-        """Fresh moments (Adam state cleared), at `lr` or the algorithm's learning rate."""
+    def reset_optimizer(self, lr: float | None = None, betas=None) -> None:
+        """Fresh moments (Adam state cleared), at `lr` and `betas` or the algorithm's."""
         for opt in self._inner_optimizers():
             opt.state.clear()
+            for group in opt.param_groups:
+                group["betas"] = tuple(self.algo.betas if betas is None else betas)
         self.set_lr(self.algo.lr if lr is None else lr)
 
     def set_lr(self, lr: float) -> None:
