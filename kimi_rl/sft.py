@@ -166,7 +166,9 @@ def run_sft(policy: HFPolicy, data: Sequence[Demo], cfg: SFTConfig, seed: int, s
     policy.reset_optimizer(cfg.lr, list(cfg.betas))
     start, loss = time.perf_counter(), float("nan")
     total = steps
-    decay_start = max(steps - cfg.decay_steps, 0) if cfg.schedule == "wsd" else None
+    # the step the cosine starts at (not before the warmup's end; the target can move it)
+    decay_start = (max(steps - cfg.decay_steps, min(cfg.warmup_steps, steps))
+                   if cfg.schedule == "wsd" else None)
     # the measurement kept: (held-out loss, step, weights when they must be restored)
     best: tuple[float, int, dict | None] = (math.inf, 0, None)
 

@@ -164,3 +164,6 @@ def test_held_out_target_starts_the_decay_and_ends_the_run_early(tiny):
     policy.model.load_state_dict(start)
     stats = run_sft(policy, train, cfg, seed=2, steps=30, heldout=held, until_target=False)
     assert stats["steps"] == 30 and stats["lr_decay_start"] == 26
+    # fewer steps than the decay: it starts at the warmup's end
+    stats = run_sft(policy, train, cfg, seed=2, steps=5, heldout=held, until_target=False)
+    assert stats["lr_decay_start"] == 2
