@@ -468,6 +468,7 @@ class TrainConfig:
 
 TRUNCATED_REWARDS = ("verify", "zero")
 SFT_SCHEDULES = ("cosine", "constant", "wsd")
+DPO_SCHEDULES = ("cosine", "constant")  # wsd needs a held-out loss DPO does not measure
 SFT_SELECT = ("best", "final")
 LENGTH_PENALTY_GROUPS = ("all", "solved")
 REF_LOGPROBS = ("trainer", "rollout")
@@ -549,8 +550,8 @@ def check_config(cfg: TrainConfig) -> None:
             "a number > 0")
     require("long2short.dpo.ratio", dpo.ratio, math.isfinite(dpo.ratio) and dpo.ratio >= 1,
             "a number >= 1")
-    require("long2short.dpo.schedule", dpo.schedule, dpo.schedule in SFT_SCHEDULES,
-            f"one of {list(SFT_SCHEDULES)}")
+    require("long2short.dpo.schedule", dpo.schedule, dpo.schedule in DPO_SCHEDULES,
+            f"one of {list(DPO_SCHEDULES)}")
     for key in ("steps", "batch_size"):
         require(f"long2short.dpo.{key}", getattr(dpo, key), getattr(dpo, key) >= 1,
                 "an integer >= 1")

@@ -114,15 +114,21 @@ def lr_at(cfg: SFTConfig, step: int, total: int, decay_start: int | None = None)
     if cfg.schedule == "constant":
         return cfg.lr
     if cfg.schedule == "wsd":
-        start = total - cfg.decay_steps if decay_start is None else decay_start
+        start = wsd_decay_start(cfg, total) if decay_start is None else decay_start
+        start = max(start, cfg.warmup_steps)
     else:
         start = cfg.warmup_steps
-    start = max(start, cfg.warmup_steps)
     if step < start:
         return cfg.lr
     frac = min(1.0, (step - start) / max(total - 1 - start, 1))
     low = cfg.lr * cfg.final_lr_ratio
     return low + (cfg.lr - low) * 0.5 * (1.0 + math.cos(math.pi * frac))
+
+
+def wsd_decay_start(cfg: SFTConfig, total: int) -> int:
+    """The step a wsd run of `total` steps starts its decay at, unless a held-out target
+    starts it earlier: `decay_steps` before the end, not before the warmup's end."""
+    return max(total - cfg.decay_steps, min(cfg.warmup_steps, total))
 
 
 def _nll_fn(n_tokens: int):
@@ -163,12 +169,10 @@ def run_sft(policy: HFPolicy, data: Sequence[Demo], cfg: SFTConfig, seed: int, s
         raise ValueError("sft.target_loss: no held-out loss to compare it with "
                          "(sft.heldout and sft.eval_every must be > 0)")
     rng = random.Random(seed)
-    policy.reset_optimizer(cfg.lr, list(cfg.betas))
+    policy.reset_optimizer(cfg.lr, cfg.betas)
     start, loss = time.perf_counter(), float("nan")
     total = steps
-    # the step the cosine starts at (not before the warmup's end; the target can move it)
-    decay_start = (max(steps - cfg.decay_steps, min(cfg.warmup_steps, steps))
-                   if cfg.schedule == "wsd" else None)
+    decay_start = wsd_decay_start(cfg, steps) if cfg.schedule == "wsd" else None
     # the measurement kept: (held-out loss, step, weights when they must be restored)
     best: tuple[float, int, dict | None] = (math.inf, 0, None)
 
