@@ -56,10 +56,12 @@ def build_engine(cfg: TrainConfig, policy: HFPolicy, tokenizer: PreTrainedTokeni
                  eos_token_id: int | None = None) -> TorchEngine:
     """The configured rollout engine. A response ends at the prompt format's stop tokens:
     the tokenizer's EOS, and with `prompt.format=chat` the chat template's end-of-turn
-    token, whatever eos_token says (kimi_rl/prompts.py). `eos_token_id`: the one stop token
-    instead (-1: none, every response runs to its token limit)."""
-    eos = (prompt_format(cfg).stop_token_ids(tokenizer) if eos_token_id is None
-           else [eos_token_id])
+    token, whatever eos_token says, and after its stop strings (kimi_rl/prompts.py).
+    `eos_token_id`: the one stop token instead, and no stop strings (-1: none, every
+    response runs to its token limit)."""
+    fmt = prompt_format(cfg)
+    eos = fmt.stop_token_ids(tokenizer) if eos_token_id is None else [eos_token_id]
+    texts = fmt.stop_text(tokenizer) if eos_token_id is None else None
     if cfg.rollout.engine not in ENGINES:
         raise ValueError(
             f"rollout.engine: unknown engine {cfg.rollout.engine!r} (choose from {ENGINES})")
@@ -68,13 +70,13 @@ def build_engine(cfg: TrainConfig, policy: HFPolicy, tokenizer: PreTrainedTokeni
 
         return VllmEngine(policy.model, tokenizer, cfg.rollout.vllm, seed=cfg.seed + 1,
                           max_batch_size=cfg.rollout.max_batch_size, model_path=cfg.model.path,
-                          eos_token_id=eos, dtype=cfg.rollout.dtype)
+                          eos_token_id=eos, dtype=cfg.rollout.dtype, stop_strings=texts)
     model = copy.deepcopy(policy.model)
     if cfg.rollout.dtype != "auto":  # auto: the policy's dtype
         model = model.to(DTYPES[cfg.rollout.dtype])
     return TorchEngine(model, eos,
                        tokenizer.pad_token_id, seed=cfg.seed + 1,
-                       max_batch_size=cfg.rollout.max_batch_size)
+                       max_batch_size=cfg.rollout.max_batch_size, stop_strings=texts)
 
 
 def build_sampler(cfg: TrainConfig, task: TaskData) -> CurriculumSampler:

@@ -231,6 +231,9 @@ class PromptConfig:
     # tokens that also end a response, each one token (besides the tokenizer's EOS and,
     # with chat, the template's end-of-turn token)
     stop_tokens: List[str] = field(default_factory=list)
+    # text that also ends a response, whatever tokens it is split into (e.g. "</answer>");
+    # the response keeps it (kimi_rl/rollout/stops.py)
+    stop_strings: List[str] = field(default_factory=list)
 
 
 @dataclass

@@ -16,7 +16,8 @@ annotation all encode through `PromptFormat.encode`.
   {instruction} (literal braces doubled: {{ }}).
 
 A response ends at the tokenizer's EOS, at the chat template's end-of-turn token (e.g.
-<|im_end|>, whatever the tokenizer's eos_token says) and at `stop_tokens`.
+<|im_end|>, whatever the tokenizer's eos_token says), at `stop_tokens` (one token each) and
+after `stop_strings` (text, however it is tokenized: kimi_rl/rollout/stops.py).
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from transformers import PreTrainedTokenizerBase
+
+from .rollout.stops import StopStrings
 
 FORMATS = ("raw", "chat", "r1_zero", "template")
 ANSWER_LOCATIONS = ("auto", "final", "tags")
@@ -76,6 +79,7 @@ class PromptFormat:
     template: str | None = None
     answer: str = "auto"
     stop_tokens: tuple[str, ...] = ()
+    stop_strings: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.format not in FORMATS:
@@ -100,6 +104,10 @@ class PromptFormat:
                                  f"{list(TEMPLATE_FIELDS)}; literal braces as {{{{ }}}})")
             if "prompt" not in names:
                 raise ValueError("prompt.template: has no {prompt} field")
+        for text in self.stop_strings:
+            if not isinstance(text, str) or not text:
+                raise ValueError(f"prompt.stop_strings: each must be a non-empty string, "
+                                 f"got {text!r}")
 
     @classmethod
     def from_config(cls, cfg: Any) -> PromptFormat:
@@ -107,7 +115,7 @@ class PromptFormat:
         if cfg is None:
             return cls()
         return cls(cfg.format, cfg.system, cfg.instruction or "", cfg.template, cfg.answer,
-                   tuple(cfg.stop_tokens))
+                   tuple(cfg.stop_tokens), tuple(getattr(cfg, "stop_strings", ()) or ()))
 
     @property
     def answer_location(self) -> str:
@@ -165,6 +173,10 @@ class PromptFormat:
                 ids.append(turn)
         ids += [self._single_token(tokenizer, t) for t in self.stop_tokens]
         return list(dict.fromkeys(ids))
+
+    def stop_text(self, tokenizer: PreTrainedTokenizerBase) -> StopStrings | None:
+        """`stop_strings` with this tokenizer's decoder (None: there are none)."""
+        return StopStrings.from_tokenizer(self.stop_strings, tokenizer)
 
     def end_token_id(self, tokenizer: PreTrainedTokenizerBase) -> int:
         """The token a complete response ends with (SFT targets): the chat template's

@@ -14,6 +14,7 @@ from transformers.cache_utils import DynamicLayer
 
 from ..attention import LOW_PRECISION, use_sdpa
 from ..rewards.repetition import RepeatTracker
+from .stops import StopStrings
 from .engine import Request, SamplingParams, Segment
 from .llama_decode import LlamaDecoder, supports
 
@@ -175,9 +176,10 @@ class TorchEngine:
     """Generates with its own copy of the policy weights (refreshed by update_weights)."""
 
     def __init__(self, model: PreTrainedModel, eos_token_id: int | Sequence[int],
-                 pad_token_id: int, seed: int = 0, max_batch_size: int = 512):
+                 pad_token_id: int, seed: int = 0, max_batch_size: int = 512,
+                 stop_strings: StopStrings | None = None):
         """`eos_token_id`: the token, or tokens, that end a response (finish reason "stop";
-        -1: none)."""
+        -1: none); `stop_strings`: text that also ends one (stops.py)."""
         self.model = model.eval()
         # decode steps of Llama-family models written out (llama_decode.py); prefill and
         # other models go through the model's forward
@@ -192,6 +194,7 @@ class TorchEngine:
         self.stop_ids = [t for t in stops if t is not None and t >= 0]
         self.eos = self.stop_ids[0] if self.stop_ids else -1
         self._stops = torch.tensor(self.stop_ids, dtype=torch.long)
+        self.stop_strings = stop_strings
         self.pad = pad_token_id
         self.max_batch_size = max_batch_size
         self.generator = torch.Generator().manual_seed(seed)
@@ -232,6 +235,8 @@ class TorchEngine:
         keys = np.array([r.key for r in requests], dtype=np.uint64) if any(keyed) else None
         tracker = (RepeatTracker(params.repeat, B, [r.prefix_ids for r in requests])
                    if params.repeat is not None else None)
+        texts = (self.stop_strings.tracker(B, [r.prefix_ids for r in requests])
+                 if self.stop_strings is not None else None)
 
         def start(n: int) -> list[int]:
             rows = [queue.popleft() for _ in range(min(n, len(queue)))]
@@ -256,6 +261,8 @@ class TorchEngine:
             lengths[active] += 1
             step += 1
             eos = torch.isin(tok, self._stops.to(tok.device))
+            if texts is not None:
+                eos = eos | texts.push(active, tok).to(eos.device)
             for i in active[eos].tolist():
                 reason[i] = "stop"
             done = eos

@@ -11,7 +11,10 @@ onto vLLM:
   (`WorkerExtension.kimi_tempered_logprobs`). Greedy decoding at a temperature other than 1
   samples at that temperature with top_k=1 (the argmax) so the logprob is tempered too.
 - Stop reasons: the trainer's stop tokens only (its tokenizer's EOS and, with a chat prompt
-  format, the template's end-of-turn token: `ignore_eos` + `stop_token_ids`);
+  format, the template's end-of-turn token: `ignore_eos` + `stop_token_ids`); stop strings
+  are checked on every new token by the torch engine's tracker (stops.py), not by vLLM's
+  `stop`, which reads only the text generated in this request (a partial rollout's earlier
+  segments are part of vLLM's prompt, so a string begun there would be missed);
   repeat detection runs on every new token in the step loop and aborts the request at the
   first loop (the tokens are those the torch engine stops at); `max_steps` aborts running
   requests after that many engine steps ("length") and leaves queued ones "pending".
@@ -55,6 +58,7 @@ from transformers import AutoConfig, AutoTokenizer, PreTrainedModel, PreTrainedT
 from ..config import VllmConfig
 from ..rewards.repetition import RepeatTracker
 from .engine import Request, SamplingParams, Segment
+from .stops import StopStrings, StopStringTracker
 from .torch_engine import inverse_cdf
 
 # texts whose encodings must agree between the trainer's tokenizer and the engine's
@@ -238,16 +242,18 @@ class VllmEngine:
                  cfg: VllmConfig, seed: int = 0, max_batch_size: int = 512,
                  model_path: str | None = None,
                  eos_token_id: int | Sequence[int] | None = None,
-                 dtype: str = "float32"):
+                 dtype: str = "float32", stop_strings: StopStrings | None = None):
         self.cfg, self.dtype = cfg, dtype
         # the stop tokens: the tokenizer's EOS, or `eos_token_id` (one or several, e.g. EOS
         # and a chat template's end-of-turn token; -1: none, every response runs to its
         # token limit). `dtype`: the engine's weights and activations
-        # (float32 | bfloat16 | float16 | auto)
+        # (float32 | bfloat16 | float16 | auto); `stop_strings`: text that also ends a
+        # response, checked here on every new token like the torch engine (stops.py)
         stops = (tokenizer.eos_token_id if eos_token_id is None else eos_token_id)
         stops = [stops] if stops is None or isinstance(stops, int) else list(stops)
         self.stop_ids = [t for t in stops if t is not None and t >= 0]
         self.eos = self.stop_ids[0] if self.stop_ids else -1
+        self.stop_strings = stop_strings
         self.max_batch_size = max_batch_size
         self.generator = torch.Generator().manual_seed(seed)
         self.tied = bool(getattr(model.config, "tie_word_embeddings", False))
@@ -383,6 +389,8 @@ class VllmEngine:
         queue = deque(i for i in range(B) if limits[i] > 0)
         tracker = (RepeatTracker(params.repeat, B, [r.prefix_ids for r in requests])
                    if params.repeat is not None else None)
+        texts = (self.stop_strings.tracker(B, [r.prefix_ids for r in requests])
+                 if self.stop_strings is not None else None)
         self._calls += 1
         ids = [f"kimi-{self._calls}-{i}" for i in range(B)]
         live: dict[str, int] = {}
@@ -404,7 +412,7 @@ class VllmEngine:
                         continue
                     c = o.outputs[0]
                     done = self._append(i, c.token_ids, c.logprobs, tokens, logps, tracker,
-                                        reason)
+                                        texts, reason)
                     if done or o.finished:
                         if not done and c.finish_reason == "stop":
                             reason[i] = "stop"
@@ -423,13 +431,14 @@ class VllmEngine:
 
     def _append(self, i: int, new: Sequence[int], logprobs, tokens: list[list[int]],
                 logps: list[list[float]], tracker: RepeatTracker | None,
-                reason: list[str]) -> bool:
-        """Add request i's new tokens; True when it ends here (EOS, or a loop: the tokens
-        after the loop's last one are dropped)."""
+                texts: StopStringTracker | None, reason: list[str]) -> bool:
+        """Add request i's new tokens; True when it ends here (EOS, a stop string or a
+        loop: the tokens after the one that ends it are dropped)."""
         for j, tok in enumerate(new):
             tokens[i].append(int(tok))
             logps[i].append(float(logprobs[j][tok].logprob))
-            if tok in self.stop_ids:
+            if tok in self.stop_ids or (texts is not None and bool(
+                    texts.push(torch.tensor([i]), torch.tensor([int(tok)]))[0])):
                 reason[i] = "stop"
                 return True
             if tracker is not None and bool(tracker.push(torch.tensor([i]),
