@@ -92,7 +92,7 @@ class StopStringTracker:
         """Append tokens[i] to response rows[i]; True where it now contains a stop string."""
         out = torch.zeros(len(rows), dtype=torch.bool)
         w = self.stops.window
-        for j, (i, tok) in enumerate(zip(rows.tolist(), tokens.tolist())):
+        for j, (i, tok) in enumerate(zip(rows.tolist(), tokens.tolist(), strict=True)):
             tail = self.tails[i]
             tail.append(tok)
             if len(tail) > w:

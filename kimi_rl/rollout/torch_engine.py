@@ -14,9 +14,9 @@ from transformers.cache_utils import DynamicLayer
 
 from ..attention import LOW_PRECISION, use_sdpa
 from ..rewards.repetition import RepeatTracker
-from .stops import StopStrings
 from .engine import Request, SamplingParams, Segment
 from .llama_decode import LlamaDecoder, supports
+from .stops import StopStrings
 
 # contexts prefilled in one padded batch are at least this fraction of its longest, or
 # at most this many tokens shorter (a forward pass per bucket costs more than that padding)
