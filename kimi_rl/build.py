@@ -13,6 +13,7 @@ from curriculum import CurriculumSampler
 from .config import TrainConfig
 from .data import TaskData
 from .data.tokenizer import char_tokenizer
+from .distributed import init_distributed
 from .policy.hf import HFPolicy
 from .policy.model import DTYPES, load_pretrained, tiny_model
 from .prompts import prompt_format
@@ -29,10 +30,8 @@ def build_policy(cfg: TrainConfig, task: TaskData) -> tuple[HFPolicy, PreTrained
     if cfg.backend.name not in BACKENDS:
         raise ValueError(
             f"backend.name: unknown backend {cfg.backend.name!r} (choose from {BACKENDS})")
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if cfg.backend.name == "hf" and world > 1:
-        raise ValueError(f"backend.name: hf is single-process, but {world} processes were "
-                         "launched (WORLD_SIZE); use backend=megatron under torchrun")
+    if cfg.backend.name == "hf" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        init_distributed()  # data parallel with FSDP2 (kimi_rl/policy/hf.py)
     if cfg.model.path:
         model, tokenizer = load_pretrained(cfg.model.path, cfg.model.dtype)
     else:

@@ -16,7 +16,6 @@ cold starts on the plateau; a target ends each one when its demonstrations are l
 
 from __future__ import annotations
 
-import copy
 import json
 import math
 import random
@@ -184,7 +183,7 @@ def run_sft(policy: HFPolicy, data: Sequence[Demo], cfg: SFTConfig, seed: int, s
         if cfg.select != "best":  # final: the last measurement, the weights as they are
             best = (loss, step, None)
         elif loss < best[0]:
-            best = (loss, step, copy.deepcopy(policy.model.state_dict()))
+            best = (loss, step, policy.model_state())
         return loss
 
     step = 0
@@ -207,7 +206,7 @@ def run_sft(policy: HFPolicy, data: Sequence[Demo], cfg: SFTConfig, seed: int, s
     if heldout:
         measure(total)
         if best[2] is not None and best[1] != total:
-            policy.model.load_state_dict(best[2])
+            policy.load_model_state(best[2])
         stats.update(heldout_loss=best[0], best_step=best[1])
     stats["seconds"] = time.perf_counter() - start
     return stats

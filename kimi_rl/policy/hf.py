@@ -1,11 +1,26 @@
-"""Policy backend on a transformers causal LM: packed logprobs, train step, weight export."""
+"""Policy backend on a transformers causal LM: packed logprobs, train step, weight export.
+
+Under torchrun (more than one process) the backend is data parallel with FSDP2
+(`fully_shard`: gloo on CPU, NCCL on GPUs): every decoder layer is a unit, the embedding,
+final norm and output layer the root unit; each rank holds a shard of every parameter and
+of the optimizer state. A train step's micro-batches are dealt out round robin (micro-batch
+i to rank i mod world; a rank left with fewer runs zero-loss stand-ins so that the
+collectives match) and the gradients are summed over ranks, so a step is the step of one
+process over all the micro-batches, up to float rounding. `logprobs` is computed in full on
+every rank (the loop calls it with the same batch everywhere). `model` is then a plain,
+unsharded copy for the rest of the trainer (rollout engine, saving, evaluation), refreshed
+by `export_weights`, which gathers one full tensor at a time. Checkpoints hold full state
+dicts under Hugging Face names, so a run resumes at another world size.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import copy
 from collections.abc import Callable, Iterator
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 from transformers import PreTrainedModel
@@ -62,15 +77,44 @@ def _rotary_in_autocast_dtype(module, args, out):
     return None
 
 
+class _Forward(torch.nn.Module):
+    """The training forward as one module call: the model's body, then the output layer's
+    logprobs by chunks. FSDP2 gathers a unit's parameters in its module's forward hooks;
+    the root unit (embedding, norm, output layer) is this module, so the output layer's
+    weight is whole where it is used."""
+
+    def __init__(self, model: PreTrainedModel):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, position_ids, extra, sources, targets, chunk, temperature,
+                autocast):
+        body = self.model.base_model
+        weight = self.model.get_output_embeddings().weight
+        with (torch.autocast(weight.device.type, dtype=getattr(torch, autocast)) if autocast
+              else contextlib.nullcontext()):
+            hidden = body(input_ids=input_ids, position_ids=position_ids, use_cache=False,
+                          **extra).last_hidden_state
+            hidden = hidden.reshape(-1, hidden.shape[-1])
+            return token_logprobs(hidden[sources], weight, targets, chunk, temperature)
+
+
+def _full(t: Tensor) -> Tensor:
+    """A parameter or gradient as one whole tensor (a collective for an FSDP shard)."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
 class HFPolicy:
     """The `hf` policy backend. Interface shared with other backends:
     logprobs(batch), train_step(micro_batches, loss_fn), export_weights(),
-    reset_optimizer(), state_dict()/load_state_dict()."""
+    reset_optimizer(), state_dict()/load_state_dict(), model_state()/load_model_state()."""
 
     def __init__(self, model: PreTrainedModel, backend: BackendConfig, algo: AlgoConfig):
         self.model = model
         self.cfg = backend
         self.algo = algo
+        self.world = dist.get_world_size() if dist.is_initialized() else 1
+        self.rank = dist.get_rank() if dist.is_initialized() else 0
         # kimi-rl's attention (kimi_rl/attention.py) takes packed rows' segments: per
         # sequence, no [L, L] mask; other implementations get the segments as a dense mask
         self.segments = False
@@ -84,7 +128,27 @@ class HFPolicy:
         rotary = getattr(model.base_model, "rotary_emb", None)
         if backend.autocast and rotary is not None:
             rotary.register_forward_hook(_rotary_in_autocast_dtype)
+        if self.world > 1:  # the trained module is sharded; `model` stays a plain copy
+            self.module = _Forward(copy.deepcopy(model))
+            self._shard(self.module)
+        else:
+            self.module = _Forward(model)
         self.optimizer = self._make_optimizer()
+
+    @property
+    def trained(self) -> PreTrainedModel:
+        """The model whose parameters the optimizer updates (sharded under FSDP)."""
+        return self.module.model
+
+    def _shard(self, module: _Forward) -> None:
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        device = next(module.parameters()).device.type
+        mesh = init_device_mesh(device, (self.world,))
+        for layer in module.model.base_model.layers:
+            fully_shard(layer, mesh=mesh)
+        fully_shard(module, mesh=mesh)
 
     @property
     def no_dropout(self) -> bool:
@@ -98,7 +162,7 @@ class HFPolicy:
 
     def _make_optimizer(self, lr: float | None = None, betas=None) -> torch.optim.Optimizer:
         return torch.optim.AdamW(
-            self.model.parameters(), lr=self.algo.lr if lr is None else lr,
+            self.module.parameters(), lr=self.algo.lr if lr is None else lr,
             betas=tuple(self.algo.betas if betas is None else betas),
             weight_decay=self.algo.weight_decay,
             fused=True,  # one kernel per step: 135M parameters in 0.12 s on 2 cores, not 0.3 s
@@ -113,9 +177,7 @@ class HFPolicy:
             group["lr"] = lr
 
     def _forward(self, batch: PackedBatch, temperature: float) -> tuple[Tensor, Tensor]:
-        body = self.model.base_model
-        weight = self.model.get_output_embeddings().weight
-        ac = self.cfg.autocast
+        weight = self.model.get_output_embeddings().weight  # its device and dtype
         rows = batch.input_ids.shape[0]
         if self.segments and by_segments(batch.input_ids.shape[1], weight.device):
             # a 4D mask counts as prepared, so transformers builds none; this empty one
@@ -128,49 +190,119 @@ class HFPolicy:
                 mask = torch.zeros(mask.shape, dtype=weight.dtype, device=weight.device
                                    ).masked_fill_(~mask, torch.finfo(weight.dtype).min)
             extra = {"attention_mask": mask}
-        with (torch.autocast(weight.device.type, dtype=getattr(torch, ac)) if ac
-              else contextlib.nullcontext()):
-            hidden = body(input_ids=batch.input_ids, position_ids=batch.position_ids,
-                          use_cache=False, **extra).last_hidden_state
-            hidden = hidden.reshape(-1, hidden.shape[-1])
-            return token_logprobs(hidden[batch.sources], weight, batch.targets,
-                                  self.cfg.logits_chunk, temperature)
+        return self.module(batch.input_ids, batch.position_ids, extra, batch.sources,
+                           batch.targets, self.cfg.logits_chunk, temperature,
+                           self.cfg.autocast)
 
     @torch.no_grad()
     def logprobs(self, batch: PackedBatch, temperature: float = 1.0) -> tuple[Tensor, Tensor]:
-        """Per-target-token logprobs and entropies, without grad."""
-        self.model.eval()
+        """Per-target-token logprobs and entropies, without grad (under FSDP: every rank
+        computes the whole batch)."""
+        self.module.eval()
         return self._forward(batch, temperature)
 
     def train_step(self, micro_batches: list[PackedBatch], loss_fn: LossFn,
                    temperature: float = 1.0) -> dict[str, float]:
         """One optimizer step over micro-batches (gradient accumulation; `loss_fn` returns
-        each micro-batch's contribution to the mini-batch loss)."""
-        self.model.train()
+        each micro-batch's contribution to the mini-batch loss). Under FSDP each rank runs
+        its share (module docstring)."""
+        self.module.train()
         self.optimizer.zero_grad(set_to_none=True)
+        mine = micro_batches[self.rank::self.world]
+        rounds = -(-len(micro_batches) // self.world)
+        parts: list[tuple[float, int, dict[str, float]]] = []
+        for j in range(rounds):
+            if self.world > 1:  # reduce-scatter once, after the last backward
+                self.module.set_requires_gradient_sync(j == rounds - 1)
+            if j < len(mine):
+                lp, ent = self._forward(mine[j], temperature)
+                loss, m = loss_fn(lp, mine[j])
+                parts.append((float(ent.sum()), ent.numel(), m))
+            else:  # a stand-in: the collectives of a micro-batch, no gradient
+                lp, _ = self._forward(micro_batches[0], temperature)
+                loss = lp.sum() * 0.0
+            # FSDP averages the ranks' gradients; their sum is the one-process gradient (a
+            # divide factor of 1 would need a reduce op that gloo lacks)
+            (loss * self.world if self.world > 1 else loss).backward()
+        if self.world > 1:
+            parts = [p for rank_parts in _all_gather(parts) for p in rank_parts]
         metrics: dict[str, float] = {}
-        ent_sum, ent_count = 0.0, 0
-        for mb in micro_batches:
-            lp, ent = self._forward(mb, temperature)
-            loss, m = loss_fn(lp, mb)
-            loss.backward()
-            ent_sum, ent_count = ent_sum + float(ent.sum()), ent_count + ent.numel()
+        for _, _, m in parts:
             for k, v in m.items():  # loss terms add up over micro-batches; stats average
                 w = 1.0 if k.startswith("loss/") else 1.0 / len(micro_batches)
                 metrics[k] = metrics.get(k, 0.0) + w * v
-        metrics["entropy"] = ent_sum / max(ent_count, 1)  # mean over all target tokens
-        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.algo.grad_clip)
+        # mean over all target tokens
+        metrics["entropy"] = sum(p[0] for p in parts) / max(sum(p[1] for p in parts), 1)
+        norm = torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.algo.grad_clip)
         self.optimizer.step()
-        metrics["grad_norm"] = float(norm)
+        metrics["grad_norm"] = float(_full(norm))
         return metrics
 
     def export_weights(self) -> Iterator[tuple[str, Tensor]]:
-        """Full tensors under their Hugging Face names."""
-        yield from self.model.state_dict().items()
+        """Full tensors under their Hugging Face names. Under FSDP a collective, done
+        before it returns: each tensor is gathered whole in turn into `model`."""
+        if self.world > 1:
+            self._refresh_plain()
+        return iter(self.model.state_dict().items())
+
+    @torch.no_grad()
+    def _refresh_plain(self) -> None:
+        plain = self.model.state_dict()
+        for name, t in self.trained.state_dict().items():
+            plain[name].copy_(_full(t))
+
+    def grads(self) -> dict[str, Tensor]:
+        """Whole gradients of the last train step under Hugging Face names (a collective
+        under FSDP)."""
+        return {n: _full(p.grad).detach().clone() for n, p in self.trained.named_parameters()
+                if p.grad is not None}
+
+    def model_state(self) -> dict[str, Tensor]:
+        """A copy of the weights (this rank's shards under FSDP), for load_model_state."""
+        return {k: v.detach().clone() for k, v in self.trained.state_dict().items()}
+
+    def load_model_state(self, state: dict[str, Tensor]) -> None:
+        """Weights from model_state(), same world."""
+        self.trained.load_state_dict(state)
 
     def state_dict(self) -> dict:
-        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict()}
+        """Whole model and optimizer state, under Hugging Face parameter names (the same
+        whatever the world size; a collective under FSDP)."""
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            get_model_state_dict,
+            get_optimizer_state_dict,
+        )
+
+        opts = StateDictOptions(full_state_dict=True, cpu_offload=self.world > 1)
+        return {"model": get_model_state_dict(self.trained, options=opts),
+                "optimizer": get_optimizer_state_dict(self.module, self.optimizer,
+                                                      options=opts)}
 
     def load_state_dict(self, state: dict) -> None:
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        """From state_dict() of a run at any world size (every rank passes it whole)."""
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            set_model_state_dict,
+            set_optimizer_state_dict,
+        )
+
+        opts = StateDictOptions(full_state_dict=True)
+        set_model_state_dict(self.trained, state["model"], options=opts)
+        optim = state["optimizer"]
+        if all(isinstance(k, int) for k in optim.get("state", {})):  # by parameter index
+            if self.world > 1:
+                raise ValueError("resume: this checkpoint's optimizer state is keyed by "
+                                 "parameter index (written by an older version); resume it "
+                                 "in one process")
+            self.optimizer.load_state_dict(optim)
+        else:
+            set_optimizer_state_dict(self.module, self.optimizer, optim, options=opts)
+        if self.world > 1:
+            self._refresh_plain()
+
+
+def _all_gather(value) -> list:
+    out: list = [None] * dist.get_world_size()
+    dist.all_gather_object(out, value)
+    return out

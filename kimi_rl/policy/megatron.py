@@ -465,6 +465,18 @@ class MegatronPolicy:
     def model(self):
         return self.hf_model
 
+    def model_state(self) -> dict:
+        """A copy of this rank's weights, for load_model_state."""
+        return {k: v.detach().clone() if isinstance(v, Tensor) else v
+                for k, v in self.gpt.state_dict().items()}
+
+    def load_model_state(self, state: dict) -> None:
+        """Weights from model_state() (same layout), the optimizer's own copies included."""
+        self.gpt.load_state_dict(state)
+        for opt in self._inner_optimizers():
+            if hasattr(opt, "reload_model_params"):
+                opt.reload_model_params()
+
     # -- checkpoints -------------------------------------------------------------------
     def _inner_optimizers(self) -> list:
         return [o.optimizer for o in getattr(self.optimizer, "chained_optimizers",
