@@ -7,8 +7,8 @@ built-in torch engine on the demo's tiny random-init Llama, the built-in task: t
 iterations with rollout.replicas=1 (every rank generates every request) and with 2 (each
 rank its share, then one all-gather). The same problems, weights and keys, so both draw
 the same samples (`same_samples`: digests of every finished response compared). The
-policy is not trained (its backend is not what is measured; the hf backend does not run
-under torchrun yet), so the weights stay those of the random init.
+policy is not trained (its backend is not what is measured), so the weights stay those of
+the random init.
 
     rollout_time_ratio_2_replicas = mean rollout seconds per iteration, 2 replicas / 1
 

@@ -257,8 +257,11 @@ def rl_iteration(it, cfg, policy, engine, sampler, algo, tokenizer, by_id, param
     masks = loss_masks(cfg.rollout, samples, it)
     train_metrics = optimize(cfg, policy, algo, samples, masks, params.temperature, it)
     t3 = time.perf_counter()
+    synced = 0
     if train_metrics.get("train/optimizer_steps"):
-        engine.update_weights(policy.export_weights())
+        weights = list(policy.export_weights())  # whole tensors (gathered from shards)
+        synced = sum(t.numel() * t.element_size() for _, t in weights)
+        engine.update_weights(weights)
     t4 = time.perf_counter()
 
     ages = [it - v for s in samples for v in s.token_iterations()]  # per response token
@@ -271,7 +274,7 @@ def rl_iteration(it, cfg, policy, engine, sampler, algo, tokenizer, by_id, param
         m.update(engine.metrics())
     m.update({
         "time/rollout": t1 - t0, "time/reward": t2 - t1, "time/train": t3 - t2,
-        "time/sync": t4 - t3, "time/iteration": t4 - t0,
+        "time/sync": t4 - t3, "sync/bytes": synced, "time/iteration": t4 - t0,
         "throughput/rollout_tokens_per_s": step.generated_tokens / max(t1 - t0, 1e-9),
         "throughput/tokens_per_s": step.generated_tokens / max(t4 - t0, 1e-9),
         "throughput/trained_tokens_per_s": m["partial/trained_tokens"] / max(t4 - t0, 1e-9),

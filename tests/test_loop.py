@@ -196,7 +196,7 @@ PROMISED = [
     "response_length/max", "length_penalty/weight", "length_penalty/contribution",
     "loss/policy", "loss/penalty", "loss/total", "train/logratio/mean", "train/entropy",
     "train/grad_norm", "throughput/tokens_per_s", "time/rollout", "time/reward", "time/train",
-    "time/sync", "curriculum/stage", "curriculum/sampling_entropy", "rollout/max_new_tokens",
+    "time/sync", "sync/bytes", "curriculum/stage", "curriculum/sampling_entropy", "rollout/max_new_tokens",
     "rollout/truncated_fraction", "rollout/repeat_terminated_fraction",
 ]
 
@@ -210,6 +210,9 @@ def test_tensorboard_holds_the_promised_scalars(straight):
     for tag in PROMISED:
         assert set(s[tag]) == steps, tag
         assert all(math.isfinite(v) for v in s[tag].values()), tag
+    # a sync sends every weight (a tied output layer under both names)
+    policy_bytes = sum(t.numel() * t.element_size() for t in final_weights(run_dir).values())
+    assert max(s["sync/bytes"].values()) >= policy_bytes
     per_level = {tag for tag in s if re.fullmatch(r"accuracy/train_L\d+", tag)}
     assert per_level and {int(t.rsplit("L", 1)[1]) for t in per_level} <= set(LEVELS)
     for it in steps:
