@@ -196,8 +196,8 @@ PROMISED = [
     "response_length/max", "length_penalty/weight", "length_penalty/contribution",
     "loss/policy", "loss/penalty", "loss/total", "train/logratio/mean", "train/entropy",
     "train/grad_norm", "throughput/tokens_per_s", "time/rollout", "time/reward", "time/train",
-    "time/sync", "sync/bytes", "curriculum/stage", "curriculum/sampling_entropy", "rollout/max_new_tokens",
-    "rollout/truncated_fraction", "rollout/repeat_terminated_fraction",
+    "time/sync", "sync/bytes", "curriculum/stage", "curriculum/sampling_entropy",
+    "rollout/max_new_tokens", "rollout/truncated_fraction", "rollout/repeat_terminated_fraction",
 ]
 
 
