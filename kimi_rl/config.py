@@ -128,8 +128,10 @@ class VllmConfig:
     enforce_eager: bool = True
     gpu_memory_utilization: float = 0.5  # GPU share for the engine (the trainer shares it)
     tensor_parallel_size: int = 1  # > 1 needs external_launcher (torchrun ranks)
-    # colocated with the trainer under torchrun: each rank runs its engine in process and
-    # the vLLM TP group comes from the world (distributed_executor_backend=external_launcher)
+    # colocated with the trainer under torchrun: each rank runs its engine in process
+    # (distributed_executor_backend=external_launcher); the world splits into vLLM
+    # data-parallel engines of tensor_parallel_size consecutive ranks, each one independent
+    # engine (rollout.replicas: 0 gives each engine its own share of the requests)
     external_launcher: bool = False
     # GPU only: free the engine's GPU memory after each rollout (weights offloaded, KV cache
     # dropped) and wake it before the next weight sync or rollout
@@ -508,8 +510,10 @@ def check_config(cfg: TrainConfig) -> None:
     require("rollout.dtype", ro.dtype, ro.dtype in ENGINE_DTYPES, f"one of {list(ENGINE_DTYPES)}")
     require("rollout.replicas", ro.replicas, ro.replicas >= 0,
             "an integer >= 0 (0: one replica per rank)")
-    require("rollout.replicas", ro.replicas, ro.replicas == 1 or ro.engine == "torch",
-            "1 with rollout.engine=vllm (replicas run the torch engine for now)")
+    require("rollout.replicas", ro.replicas,
+            ro.replicas == 1 or ro.engine == "torch" or ro.vllm.external_launcher,
+            "1 with rollout.engine=vllm unless rollout.vllm.external_launcher=true (replicas "
+            "of vLLM engines are its data-parallel ranks under torchrun)")
     require("rollout.replica_margin", ro.replica_margin,
             math.isfinite(ro.replica_margin) and ro.replica_margin >= 0, "a number >= 0")
     require("backend.autocast", cfg.backend.autocast, cfg.backend.autocast in AUTOCAST_DTYPES,

@@ -315,10 +315,17 @@ def build_rollouts(cfg: TrainConfig) -> PartialRollouts:
 
 
 def build_replicas(cfg: TrainConfig) -> Replicas:
-    """This rank's rollout replica (rollout.replicas: 0 is one per rank)."""
+    """This rank's rollout replica (rollout.replicas: 0 is one per engine: per rank with
+    the torch engine, per tensor-parallel group of ranks with vLLM)."""
     world = distributed.world_size()
-    return Replicas(cfg.rollout.replicas or world, distributed.rank(), world,
-                    cfg.rollout.replica_margin, distributed.all_gather)
+    tp = cfg.rollout.vllm.tensor_parallel_size if cfg.rollout.engine == "vllm" else 1
+    count = cfg.rollout.replicas or max(world // tp, 1)
+    if world > 1 and (world // count) % tp:
+        raise ValueError(f"rollout.replicas={cfg.rollout.replicas}: a replica of "
+                         f"{world // count} ranks cannot hold whole vLLM engines of "
+                         f"rollout.vllm.tensor_parallel_size={tp} ranks")
+    return Replicas(count, distributed.rank(), world, cfg.rollout.replica_margin,
+                    distributed.all_gather)
 
 
 def loss_masks(rollout: RolloutConfig, samples: list[Sample], it: int) -> list[list[bool]]:

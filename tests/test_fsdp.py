@@ -44,9 +44,9 @@ TINY = ["model.hidden_size=32", "model.num_layers=2", "model.num_heads=2", "mode
         "reward.length_penalty_weight=0.5", "reward.length_penalty_warmup=0"]
 
 
-def launch(args: list[str], timeout: int = 300) -> str:
+def launch(args: list[str], timeout: int = 300, **extra_env: str) -> str:
     """Run a command in its own process group (all of it killed on timeout); its stdout."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", HYDRA_FULL_ERROR="1")
+    env = dict(os.environ, OMP_NUM_THREADS="1", HYDRA_FULL_ERROR="1", **extra_env)
     proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
@@ -64,7 +64,8 @@ def launch(args: list[str], timeout: int = 300) -> str:
 def readme_command() -> list[str]:
     """The README's torchrun line for the hf backend, with this venv's torchrun."""
     line = next(ln for ln in (ROOT / "README.md").read_text().splitlines()
-                if ln.startswith("torchrun ") and "backend=hf" in ln)
+                if ln.startswith("torchrun ")
+                and ln.rstrip().endswith("backend=hf rollout.replicas=0"))
     return [str(TORCHRUN), *shlex.split(line)[1:]]
 
 

