@@ -215,6 +215,8 @@ def test_bad_replica_settings_are_named():
     cfg.rollout.engine, cfg.rollout.replicas = "vllm", 2
     with pytest.raises(ValueError, match="rollout.replicas.*vllm"):
         check_config(cfg)
+    cfg.rollout.vllm.external_launcher = True  # replicas are vLLM's data-parallel engines
+    check_config(cfg)
     with pytest.raises(ValueError, match="rollout.replicas=3 must be >= 1 and divide the "
                                          "world size 4"):
         Replicas(3, 0, 4, 0.25, lambda x: [x])
