@@ -30,7 +30,8 @@ def build_policy(cfg: TrainConfig, task: TaskData) -> tuple[HFPolicy, PreTrained
     if cfg.backend.name not in BACKENDS:
         raise ValueError(
             f"backend.name: unknown backend {cfg.backend.name!r} (choose from {BACKENDS})")
-    if cfg.backend.name == "hf" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    data_parallel = cfg.backend.name == "hf" and int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if data_parallel:
         init_distributed()  # data parallel with FSDP2 (kimi_rl/policy/hf.py)
     if cfg.model.path:
         model, tokenizer = load_pretrained(cfg.model.path, cfg.model.dtype)
@@ -48,7 +49,7 @@ def build_policy(cfg: TrainConfig, task: TaskData) -> tuple[HFPolicy, PreTrained
         from .policy.megatron import MegatronPolicy
 
         return MegatronPolicy(model, cfg.backend, cfg.algo, seed=cfg.seed), tokenizer
-    return HFPolicy(model, cfg.backend, cfg.algo), tokenizer
+    return HFPolicy(model, cfg.backend, cfg.algo, data_parallel=data_parallel), tokenizer
 
 
 def build_engine(cfg: TrainConfig, policy: HFPolicy, tokenizer: PreTrainedTokenizerBase,

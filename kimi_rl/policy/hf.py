@@ -109,12 +109,16 @@ class HFPolicy:
     logprobs(batch), train_step(micro_batches, loss_fn), export_weights(),
     reset_optimizer(), state_dict()/load_state_dict(), model_state()/load_model_state()."""
 
-    def __init__(self, model: PreTrainedModel, backend: BackendConfig, algo: AlgoConfig):
+    def __init__(self, model: PreTrainedModel, backend: BackendConfig, algo: AlgoConfig,
+                 data_parallel: bool = False):
+        """`data_parallel`: shard over the torch.distributed world with FSDP2 (module
+        docstring); otherwise this process trains alone, whatever world it is in."""
         self.model = model
         self.cfg = backend
         self.algo = algo
-        self.world = dist.get_world_size() if dist.is_initialized() else 1
-        self.rank = dist.get_rank() if dist.is_initialized() else 0
+        shard = data_parallel and dist.is_initialized()
+        self.world = dist.get_world_size() if shard else 1
+        self.rank = dist.get_rank() if shard else 0
         # kimi-rl's attention (kimi_rl/attention.py) takes packed rows' segments: per
         # sequence, no [L, L] mask; other implementations get the segments as a dense mask
         self.segments = False

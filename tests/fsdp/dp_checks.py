@@ -4,8 +4,8 @@ differences; tests/test_fsdp.py asserts on it.
 
     torchrun --nproc-per-node 2 tests/fsdp/dp_checks.py --out r.json
 
-Each rank first builds the one-process reference (before joining the world, so it is a
-plain HFPolicy), then the FSDP policy from the same weights. Checks, on a tied Llama (GQA)
+Each rank builds the one-process reference (an HFPolicy that is not data parallel trains
+alone), then the FSDP policy from the same weights. Checks, on a tied Llama (GQA)
 and an untied Qwen2 (q/k/v bias):
 - logprobs and entropies of packed batches;
 - one train step over five micro-batches of different shapes (three on rank 0, two on rank
@@ -49,7 +49,7 @@ def flat(state: dict, prefix: str = "") -> dict[str, torch.Tensor]:
 
 def compare(name: str, ref_policy: HFPolicy, tokenizer) -> dict:
     backend, algo = ref_policy.cfg, ref_policy.algo
-    dp = HFPolicy(copy.deepcopy(ref_policy.model), backend, algo)
+    dp = HFPolicy(copy.deepcopy(ref_policy.model), backend, algo, data_parallel=True)
     out = {"world": dp.world}
     lp_err = ent_err = 0.0
     for pb in batches(len(tokenizer), 0, 40):
@@ -80,7 +80,8 @@ def compare(name: str, ref_policy: HFPolicy, tokenizer) -> dict:
                            for k, v in sd_ref.items())
         out["state_tensors"] = len(sd_ref)
     # the reference's checkpoint into a fresh FSDP policy: the same next step
-    fresh = HFPolicy(hf_model(name, tokenizer), backend, algo)  # other weights until loaded
+    fresh = HFPolicy(hf_model(name, tokenizer), backend, algo,  # other weights until loaded
+                     data_parallel=True)
     # (a copy: a checkpoint comes from a file; the reference's state dict holds its tensors)
     fresh.load_state_dict(copy.deepcopy(ref_policy.state_dict()))
     out["load"] = max(rel(t, ref_policy.model.state_dict()[k])
@@ -102,9 +103,9 @@ def main() -> None:
     tokenizer = char_tokenizer(modsum.vocabulary())
     algo = AlgoConfig(lr=1e-3, grad_clip=1e9)
     backend = BackendConfig(logits_chunk=5)
-    # the one-process references, built before this process joins the world
-    refs = {name: HFPolicy(hf_model(name, tokenizer), backend, algo) for name in MODELS}
     dist.init_process_group("gloo")
+    # the one-process references (each rank trains its own copy alone)
+    refs = {name: HFPolicy(hf_model(name, tokenizer), backend, algo) for name in MODELS}
     report = {name: compare(name, refs[name], tokenizer) for name in MODELS}
     if dist.get_rank() == 0:
         with open(args.out, "w") as f:
