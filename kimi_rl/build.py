@@ -71,7 +71,11 @@ def build_engine(cfg: TrainConfig, policy: HFPolicy, tokenizer: PreTrainedTokeni
         return VllmEngine(policy.model, tokenizer, cfg.rollout.vllm, seed=cfg.seed + 1,
                           max_batch_size=cfg.rollout.max_batch_size, model_path=cfg.model.path,
                           eos_token_id=eos, dtype=cfg.rollout.dtype, stop_strings=texts)
-    model = copy.deepcopy(policy.model)
+    # under FSDP the policy's `model` is already a whole copy that only weight export
+    # writes: the engine shares it rather than holding a third copy
+    shared = (getattr(policy, "world", 1) > 1 and cfg.backend.name == "hf"
+              and cfg.rollout.dtype == "auto")
+    model = policy.model if shared else copy.deepcopy(policy.model)
     if cfg.rollout.dtype != "auto":  # auto: the policy's dtype
         model = model.to(DTYPES[cfg.rollout.dtype])
     return TorchEngine(model, eos,
