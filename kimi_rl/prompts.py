@@ -29,7 +29,7 @@ from typing import Any
 
 from transformers import PreTrainedTokenizerBase
 
-from .rollout.stops import StopStrings
+from .rollout.stops import StopStrings, check_stop_strings
 
 FORMATS = ("raw", "chat", "r1_zero", "template")
 ANSWER_LOCATIONS = ("auto", "final", "tags")
@@ -104,10 +104,7 @@ class PromptFormat:
                                  f"{list(TEMPLATE_FIELDS)}; literal braces as {{{{ }}}})")
             if "prompt" not in names:
                 raise ValueError("prompt.template: has no {prompt} field")
-        for text in self.stop_strings:
-            if not isinstance(text, str) or not text:
-                raise ValueError(f"prompt.stop_strings: each must be a non-empty string, "
-                                 f"got {text!r}")
+        check_stop_strings(self.stop_strings)
 
     @classmethod
     def from_config(cls, cfg: Any) -> PromptFormat:

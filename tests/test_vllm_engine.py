@@ -412,27 +412,21 @@ def test_stop_strings_stop_where_the_definition_does(tied, tok):
     """A stop string of several tokens ends a response at the token that completes it, a
     string begun in an earlier segment (the request's prefix) included: the tokens of a
     run without stop strings, cut where `stop_position` says."""
-    from test_stop_strings import requests_with_prefixes
+    from test_stop_strings import (
+        assert_stopped_where_defined,
+        requests_with_prefixes,
+        strings_that_occur,
+    )
 
-    from kimi_rl.rollout.stops import StopStrings, stop_position
+    from kimi_rl.rollout.stops import StopStrings
 
     reqs = requests_with_prefixes(tok)
     params = SamplingParams(temperature=1.0)
     free = tied.generate(reqs, 40, params)
-    text = [tok.decode(f.tokens) for f in free]
-    strings = [text[0][5:7], tok.decode(reqs[1].prefix_ids) + text[1][:1]]
+    strings = strings_that_occur(tok, reqs, free)
     tied.stop_strings = StopStrings.from_tokenizer(strings, tok)
     try:
         got = tied.generate(reqs, 40, params)
     finally:
         tied.stop_strings = None
-    stopped = 0
-    for r, f, g in zip(reqs, free, got, strict=True):
-        n = stop_position(f.tokens, strings, tok.decode, r.prefix_ids)
-        if n is None:
-            assert (g.tokens, g.finish_reason) == (f.tokens, f.finish_reason)
-        else:
-            stopped += 1
-            assert (g.tokens, g.finish_reason) == (f.tokens[:n], "stop")
-    assert got[1].tokens == free[1].tokens[:1], "the string begun in the prefix ends it"
-    assert 2 <= stopped < len(reqs), stopped
+    assert_stopped_where_defined(tok, reqs, free, got, strings, logprobs=False)

@@ -34,15 +34,19 @@ MARGIN = 4
 REPLACEMENT = "\ufffd"
 
 
+def check_stop_strings(strings: Sequence[str]) -> None:
+    """Refuse a stop string that is not a non-empty string (naming the config key)."""
+    for s in strings:
+        if not isinstance(s, str) or not s:
+            raise ValueError(f"prompt.stop_strings: each must be a non-empty string, got {s!r}")
+
+
 class StopStrings:
     """Stop strings with the decoder of the model's tokenizer. `decode(ids) -> str` decodes
     token ids as the response's text (special tokens kept)."""
 
     def __init__(self, strings: Sequence[str], decode: Callable[[list[int]], str]):
-        for s in strings:
-            if not isinstance(s, str) or not s:
-                raise ValueError(f"prompt.stop_strings: each must be a non-empty string, "
-                                 f"got {s!r}")
+        check_stop_strings(strings)
         self.strings = tuple(dict.fromkeys(strings))
         self.decode = decode
         self.window = max(len(s.encode()) for s in self.strings) + MARGIN if strings else 0
@@ -90,15 +94,14 @@ class StopStringTracker:
 
     def push(self, rows: Tensor, tokens: Tensor) -> Tensor:
         """Append tokens[i] to response rows[i]; True where it now contains a stop string."""
-        out = torch.zeros(len(rows), dtype=torch.bool)
-        w = self.stops.window
-        for j, (i, tok) in enumerate(zip(rows.tolist(), tokens.tolist(), strict=True)):
+        hits = []
+        for i, tok in zip(rows.tolist(), tokens.tolist(), strict=True):
             tail = self.tails[i]
             tail.append(tok)
-            if len(tail) > w:
+            if len(tail) > self.stops.window:
                 del tail[0]
-            out[j] = self.stops.may_end(tok) and self.stops.found(tail)
-        return out
+            hits.append(self.stops.may_end(tok) and self.stops.found(tail))
+        return torch.tensor(hits, dtype=torch.bool)
 
 
 def stop_position(tokens: Sequence[int], strings: Sequence[str],
