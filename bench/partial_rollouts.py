@@ -26,6 +26,8 @@ token: on a GPU the ratio is ~100x, not ~4x). The simulation models GPU costs.
 Prints a progress line per run and a final JSON line.
 
     python bench/partial_rollouts.py [--rounds 3] [--cap 160 --budget 32] [--quick]
+
+--quick: one round of 2 and 5 iterations, and 20 simulated iterations instead of 60.
 """
 
 from __future__ import annotations
@@ -149,7 +151,9 @@ def main(argv: list[str] | None = None) -> None:
         partials.append(run(f"round {r + 1}/{rounds} partial",
                             partial_overrides(cap, budget) + common + [f"seed={r}"], n_partial))
     sync, partial = combine(syncs), combine(partials)
-    sim = cluster_sim.compare()
+    # --quick: a shorter simulated run (the smoke test checks the wiring, not the figure)
+    sim = cluster_sim.compare(cluster_sim.Workload(iterations=20, warmup=5) if args.quick
+                              else None)
     result = {
         "workload": {"problems_per_iteration": PROBLEMS, "group_size": GROUP, "cap": cap,
                      "budget": budget, "model": "tiny random-init llama (demo size)",

@@ -133,7 +133,7 @@ def test_build_policy_tiny_from_config():
 
     cfg = make(["model.hidden_size=32", "model.num_layers=1", "model.num_heads=2",
                 "model.num_kv_heads=2", "model.intermediate_size=64",
-                "data.levels=[1,2,3,4,5]", "data.train_per_level=5",
+                "data.levels=[1,2,3,4,5]", "data.demos={6:0}", "data.train_per_level=5",
                 "data.test_per_level=2"])
     task = load_task(cfg.data)
     policy, tokenizer = build_policy(cfg, task)

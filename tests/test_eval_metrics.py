@@ -146,7 +146,7 @@ def test_eval_command_with_the_torch_engine(tmp_path, capsys):
 def test_eval_command_with_another_engine(tmp_path, monkeypatch, tokenizer):
     """run_evaluation uses whatever engine build_engine returns."""
     monkeypatch.setattr(ev, "build_engine", lambda cfg, policy, tok: ScriptedEngine(tok))
-    levels = ["data.levels=[1,2,3]", "data.demos={1:0,2:0,3:0,4:0,5:0}"]
+    levels = ["data.levels=[1,2,3]", "data.demos={1:0,2:0,3:0,4:0,5:0,6:0}"]
     ev.run_evaluation(compose(TINY + SAMPLED + levels), tmp_path)
     result = check_eval_json(tmp_path, {"1", "2", "3"})
     assert result["accuracy"] == {"1": 1.0, "2": 1.0, "3": 1.0}  # greedy: first copies

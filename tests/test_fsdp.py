@@ -34,7 +34,7 @@ TORCHRUN = Path(sys.executable).parent / "torchrun"
 TOL = 1e-5
 TINY = ["model.hidden_size=32", "model.num_layers=2", "model.num_heads=2", "model.num_kv_heads=2",
         "model.intermediate_size=64", "data.levels=[1,2,3]", "data.train_per_level=30",
-        "data.test_per_level=2", "data.demos={1:40,2:0,3:0,4:0,5:0}", "sft.steps=3",
+        "data.test_per_level=2", "data.demos={1:40,2:0,3:0,4:0,5:0,6:0}", "sft.steps=3",
         "sft.batch_size=8", "rollout.problems_per_iteration=4", "rollout.group_size=4",
         "rollout.max_new_tokens=24", "eval.max_new_tokens=24", "progress=false",
         "num_threads=1", "curriculum=all_levels", "iterations=3", "checkpoint_every=2",

@@ -195,7 +195,7 @@ def test_demos_file_round_trip_and_bad_rows(tmp_path):
 
 TINY = ["model.hidden_size=32", "model.num_layers=1", "model.num_heads=2",
         "model.num_kv_heads=2", "model.intermediate_size=64", "data.levels=[1,2]",
-        "data.train_per_level=40", "data.test_per_level=3", "data.demos={1:0,2:0,3:0,4:0,5:0}",
+        "data.train_per_level=40", "data.test_per_level=3", "data.demos={1:0,2:0,3:0,4:0,5:0,6:0}",
         "rollout.problems_per_iteration=2", "rollout.group_size=2",
         "rollout.max_new_tokens=24", "rollout.partial.budget=12",
         "eval.max_new_tokens=16", "num_threads=1", "progress=false", "collapse.enabled=false"]

@@ -29,14 +29,14 @@ from kimi_rl.loop import SUMMARY_KEYS, train
 pytestmark = pytest.mark.slow
 
 LEVELS = [1, 2, 3, 4, 5]
-# A tiny model and a tiny task. The default experiment demonstrates levels 1-5, and a dict
+# A tiny model and a tiny task. The default experiment demonstrates levels 1-6, and a dict
 # override merges into that mapping, so every level stays in data.levels (no
 # demonstrations above level 1).
 TINY = [
     "model.hidden_size=32", "model.num_layers=2", "model.num_heads=2", "model.num_kv_heads=2",
     "model.intermediate_size=64",
     f"data.levels=[{','.join(map(str, LEVELS))}]", "data.train_per_level=30",
-    "data.test_per_level=2", "data.demos={1:40,2:0,3:0,4:0,5:0}",
+    "data.test_per_level=2", "data.demos={1:40,2:0,3:0,4:0,5:0,6:0}",
     "sft.steps=5", "sft.batch_size=8", "sft.control=false",
     "rollout.problems_per_iteration=4", "rollout.group_size=4", "rollout.max_new_tokens=24",
     "eval.max_new_tokens=24", "progress=false", "num_threads=1", "curriculum=all_levels",

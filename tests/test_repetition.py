@@ -107,6 +107,7 @@ def test_prose_is_not_a_loop():
     # runs of spaces (column alignment in docstrings) are layout, not prose: see below
     text = re.sub(r" {2,}", " ", "\n\n".join(docs)).encode()
     assert len(text) > 10000
+    text = text[:40000]  # plenty of prose; the detector runs in Python, token by token
     assert not any(incremental_flags([list(text)], DEFAULT)[0])
     words = text.split()
     ids = {w: i for i, w in enumerate(dict.fromkeys(words))}

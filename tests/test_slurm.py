@@ -88,10 +88,11 @@ PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
         for p in daemons:
             p.terminate()
         for p in daemons:
-            try:
-                p.wait(timeout=20)
+            try:  # slurmd can take 20 s to stop on SIGTERM; its state is a throwaway
+                p.wait(timeout=3)
             except subprocess.TimeoutExpired:
                 p.kill()
+                p.wait()
 
 
 def job_field(env: dict, job: str, name: str) -> str:
@@ -103,11 +104,11 @@ def job_field(env: dict, job: str, name: str) -> str:
 
 def preempt_and_wait(env: dict, script: Path, run_dir: Path, log: Path, cwd: Path,
                      wait_after: float) -> tuple[str, str]:
-    """Submit `script` with a 60-iteration tiny run, send SIGUSR1 to its batch shell (what
+    """Submit `script` with a 20-iteration tiny run, send SIGUSR1 to its batch shell (what
     --signal=B:USR1@N sends before the time limit) once RL has started, and wait until the
     job completes; returns (job id, its output)."""
     env = {**env, "RUN_DIR": str(run_dir), "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    overrides = TINY + ["iterations=60", "checkpoint_every=20", "eval.at_warmup_end=false"]
+    overrides = TINY + ["iterations=20", "checkpoint_every=10", "eval.at_warmup_end=false"]
     res = subprocess.run(["sbatch", "--parsable", f"--output={log}", f"--chdir={cwd}",
                           str(script), *overrides], env=env, capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
@@ -137,9 +138,9 @@ def test_preempted_job_is_requeued_and_resumes(slurm, tmp_path):
                  "requeueing", f"(restart 1) resumes {run_dir}"):
         assert line in text, text
     stopped = int(text.split("stopped on SIGUSR1 after iteration ")[1].split()[0])
-    assert 1 <= stopped < 60
+    assert 1 <= stopped < 20
     summary = json.loads((run_dir / "summary.json").read_text())
-    assert summary["iterations"] == 60
+    assert summary["iterations"] == 20
 
 
 MULTINODE = ROOT / "launch" / "kimi_rl_multinode.sbatch"
@@ -159,9 +160,9 @@ def test_multinode_script_requeues_and_resumes(slurm, tmp_path):
                  "requeueing", f"(restart 1) resumes {run_dir}"):
         assert line in text, text
     stopped = int(text.split("stopped on SIGUSR1 after iteration ")[1].split()[0])
-    assert 1 <= stopped < 60
+    assert 1 <= stopped < 20
     assert "User defined signal 1" not in text  # torchrun did not die of the signal
-    assert json.loads((run_dir / "summary.json").read_text())["iterations"] == 60
+    assert json.loads((run_dir / "summary.json").read_text())["iterations"] == 20
 
 
 def test_submitit_slurm_sweep(slurm, tmp_path):

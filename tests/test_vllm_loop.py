@@ -29,7 +29,7 @@ OVERRIDES = [
     "model.hidden_size=64", "model.num_layers=2", "model.num_heads=2", "model.num_kv_heads=2",
     "model.intermediate_size=128",
     "data.levels=[1,2,3,4,5]", "data.train_per_level=40", "data.test_per_level=2",
-    "data.demos={1:200,2:0,3:0,4:0,5:0}", "data.confirm_prob=0.6", "curriculum=all_levels",
+    "data.demos={1:200,2:0,3:0,4:0,5:0,6:0}", "data.confirm_prob=0.6", "curriculum=all_levels",
     "curriculum.stages=[{start:0,levels:{1:1.0}}]",
     # a short SFT start at a constant rate on all 200 demonstrations: some level-1 answers
     "sft.steps=150", "sft.batch_size=16", "sft.lr=1e-2", "sft.control=false",
