@@ -21,7 +21,7 @@ from kimi_rl.data.tokenizer import char_tokenizer
 from kimi_rl.policy.hf import HFPolicy
 from kimi_rl.policy.packing import pack
 from kimi_rl.rewards.repetition import RepeatDetection, find_loop
-from kimi_rl.rollout.engine import Request, SamplingParams
+from kimi_rl.rollout.engine import Request, SamplingParams, sample_key
 from kimi_rl.rollout.partial import PartialRollouts
 from kimi_rl.rollout.samples import encode_prompt
 from kimi_rl.rollout.torch_engine import TorchEngine
@@ -155,6 +155,22 @@ def test_seeded_runs_reproduce(tied, tok):
     e = tied.generate(requests, 20, free)
     assert [s.tokens for s in c] == [s.tokens for s in e]
     assert [s.tokens for s in c] != [s.tokens for s in d]
+
+
+def test_keyed_requests_do_not_depend_on_their_batch(tied, tok):
+    """A request with a key (`sample_key`) draws the same tokens in any batch and order:
+    what lets rollout replicas split an iteration's requests without changing them (the
+    loop's replica split itself is tested with the torch engine in test_replicas.py)."""
+    prompts = [tok.encode(p) for p in PROMPTS]
+    requests = [Request(p, [], sample_key(3, f"p{i}", k, 1, 0))
+                for i, p in enumerate(prompts) for k in range(2)]
+    params = SamplingParams(temperature=1.0)
+    whole = tied.generate(requests, 16, params)
+    odd = tied.generate(requests[1::2][::-1], 16, params)[::-1]
+    even = tied.generate(requests[0::2], 16, params)
+    assert [s.tokens for s in whole] == [s.tokens for pair in zip(even, odd, strict=True)
+                                         for s in pair]
+    assert whole[0].tokens != whole[1].tokens, "two samples of one prompt must differ"
 
 
 @pytest.mark.parametrize("top_p", [1.0, 0.8])

