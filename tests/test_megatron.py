@@ -174,22 +174,35 @@ def test_cpu_patch_stays_in_tests():
 # --- against the hf backend, under torchrun ------------------------------------------------
 
 @pytest.fixture(scope="module")
-def tp2(tmp) -> dict:
-    torchrun([str(SCRIPTS / "parallel_checks.py"), "--tp", "2", "--out", str(tmp / "tp2.json"),
-              "--save", str(tmp / "ckpt_tp2")])
-    return json.loads((tmp / "tp2.json").read_text())
+def layouts(tmp) -> dict:
+    """TP=2, PP=2 and DP=2 (one launch: each torchrun start costs seconds); the TP=2
+    layout also saves a sharded checkpoint."""
+    torchrun([str(SCRIPTS / "parallel_checks.py"), "--layouts", "tp2,pp2,dp",
+              "--out", str(tmp / "layouts.json"), "--save", str(tmp / "ckpt_tp2")])
+    return json.loads((tmp / "layouts.json").read_text())
+
+
+def test_a_second_layout_in_one_process_is_refused(layouts):
+    """A policy asking for another TP/PP than the process's megatron state has fails at
+    start (megatron would otherwise keep the old layout silently)."""
+    assert layouts["tp2"]["other_layout_refused"] is None  # the first: nothing to refuse
+    assert layouts["pp2"]["other_layout_refused"] is True
+    assert layouts["dp"]["other_layout_refused"] is True
 
 
 @pytest.fixture(scope="module")
-def pp2(tmp) -> dict:
-    torchrun([str(SCRIPTS / "parallel_checks.py"), "--pp", "2", "--out", str(tmp / "pp2.json")])
-    return json.loads((tmp / "pp2.json").read_text())
+def tp2(layouts) -> dict:
+    return layouts["tp2"]
 
 
 @pytest.fixture(scope="module")
-def dp2(tmp) -> dict:
-    torchrun([str(SCRIPTS / "parallel_checks.py"), "--out", str(tmp / "dp2.json")])
-    return json.loads((tmp / "dp2.json").read_text())
+def pp2(layouts) -> dict:
+    return layouts["pp2"]
+
+
+@pytest.fixture(scope="module")
+def dp2(layouts) -> dict:
+    return layouts["dp"]
 
 
 def check_report(r: dict) -> None:

@@ -216,6 +216,13 @@ class MegatronPolicy:
             ps.initialize_model_parallel(tensor_model_parallel_size=tp,
                                          pipeline_model_parallel_size=pp,
                                          context_parallel_size=cp)
+        have = (ps.get_tensor_model_parallel_world_size(),
+                ps.get_pipeline_model_parallel_world_size(), ps.get_context_parallel_world_size())
+        if have != (tp, pp, cp):
+            raise ValueError(f"backend: this process's megatron parallel state is already "
+                             f"TP x PP x CP = {' x '.join(map(str, have))}, not the {tp} x {pp} "
+                             f"x {cp} asked for (megatron.core.parallel_state."
+                             f"destroy_model_parallel() first)")
         with torch.random.fork_rng(devices=[]):  # megatron seeds the CUDA RNG, not ours
             tensor_parallel.model_parallel_cuda_manual_seed(seed)
         self.device = torch.device("cuda", torch.cuda.current_device())

@@ -5,6 +5,9 @@ largest relative differences; tests/test_megatron.py asserts on it.
     torchrun --nproc-per-node 2 tests/megatron/parallel_checks.py --tp 2 --out r.json \
         [--save DIR]   # also a sharded checkpoint and the HF weights it holds (DIR.pt)
         [--load DIR]   # only: load such a checkpoint here, compare with DIR.pt
+    torchrun --nproc-per-node 2 tests/megatron/parallel_checks.py --layouts tp2,pp2,dp \
+        --out r.json   # several layouts in one launch: {"tp2": report, ...}; --save
+                       # applies to the first
 
 Checks, each on a tied Llama (GQA) and an untied Qwen2 (q/k/v bias):
 - logprobs and entropies of packed batches (sequences of several lengths, 2 rows);
@@ -156,6 +159,7 @@ def main() -> None:
     ap.add_argument("--out", required=True)
     ap.add_argument("--save", default=None)
     ap.add_argument("--load", default=None)
+    ap.add_argument("--layouts", default=None, help="tpN, ppN or dp, comma-separated")
     args = ap.parse_args()
     torch.set_num_threads(1)
     tokenizer = char_tokenizer(modsum.vocabulary())
@@ -185,26 +189,49 @@ def main() -> None:
             with open(args.out, "w") as f:
                 json.dump(report, f, indent=1)
         return
-    for name in MODELS:
-        report[name] = compare(name, args.tp, args.pp, False, tokenizer)
-    report["padded_vocab"] = padded_vocab()
-    if args.tp > 1:
-        report["llama_sequence_parallel"] = compare("llama", args.tp, args.pp, True, tokenizer)
-    if args.save:
-        ref = hf_model("qwen2", tokenizer)
-        backend = BackendConfig(name="megatron", tensor_parallel=args.tp,
-                                pipeline_parallel=args.pp, micro_batch_tokens=16)
-        mp = MegatronPolicy(ref, backend, AlgoConfig(lr=1e-2), seed=0)
-        mp.train_step(batches(len(tokenizer), 2, 16), loss_fn)  # weights and Adam state move
-        weights = dict(mp.export_weights())
-        mp.save_sharded(args.save)
-        mp.train_step(batches(len(tokenizer), 3, 16), loss_fn)  # what a resumed run must do
-        after = dict(mp.export_weights())
-        if dist.get_rank() == 0:
-            torch.save({"weights": weights, "next": after}, args.save + ".pt")
+    if args.layouts:
+        from megatron.core import parallel_state as ps
+
+        for i, layout in enumerate(args.layouts.split(",")):
+            tp = int(layout[2:]) if layout.startswith("tp") else 1
+            pp = int(layout[2:]) if layout.startswith("pp") else 1
+            refused = None
+            if i:  # a policy of another layout than the live one is refused, by name
+                try:
+                    MegatronPolicy(hf_model("llama", tokenizer), BackendConfig(
+                        name="megatron", tensor_parallel=tp, pipeline_parallel=pp),
+                        AlgoConfig(), seed=0)
+                    refused = False
+                except ValueError as e:
+                    refused = "already" in str(e)
+            ps.destroy_model_parallel()  # the next policy initialises its own layout
+            report[layout] = layout_report(tp, pp, args.save if i == 0 else None, tokenizer)
+            report[layout]["other_layout_refused"] = refused
+    else:
+        report = layout_report(args.tp, args.pp, args.save, tokenizer)
     if dist.get_rank() == 0:
         with open(args.out, "w") as f:
             json.dump(report, f, indent=1)
+
+
+def layout_report(tp: int, pp: int, save: str | None, tokenizer) -> dict:
+    report = {name: compare(name, tp, pp, False, tokenizer) for name in MODELS}
+    report["padded_vocab"] = padded_vocab()
+    if tp > 1:
+        report["llama_sequence_parallel"] = compare("llama", tp, pp, True, tokenizer)
+    if save:
+        ref = hf_model("qwen2", tokenizer)
+        backend = BackendConfig(name="megatron", tensor_parallel=tp, pipeline_parallel=pp,
+                                micro_batch_tokens=16)
+        mp = MegatronPolicy(ref, backend, AlgoConfig(lr=1e-2), seed=0)
+        mp.train_step(batches(len(tokenizer), 2, 16), loss_fn)  # weights and Adam state move
+        weights = dict(mp.export_weights())
+        mp.save_sharded(save)
+        mp.train_step(batches(len(tokenizer), 3, 16), loss_fn)  # what a resumed run must do
+        after = dict(mp.export_weights())
+        if dist.get_rank() == 0:
+            torch.save({"weights": weights, "next": after}, save + ".pt")
+    return report
 
 
 if __name__ == "__main__":
