@@ -425,40 +425,76 @@ class MegatronPolicy:
         return metrics
 
     # -- weights -----------------------------------------------------------------------
-    def _gather_hf(self, local: dict[str, Tensor]) -> dict[str, Tensor]:
-        """HF-named full tensors on every rank from this rank's Megatron tensors: merged
-        over TP, converted, then each stage's tensors broadcast over PP."""
+    def _bucket_prefixes(self, stage: int) -> list[tuple[tuple[str, ...], tuple[str, ...]]]:
+        """The export buckets of PP stage `stage`, in order: (Megatron name prefixes, HF
+        name prefixes) of its embedding, each of its layers, its final norm and output."""
+        out = [(("embedding.",), ("model.embed_tokens.",))] if stage == 0 else []
+        out += [((f"decoder.layers.{local}.",), (f"model.layers.{i}.",))
+                for local, i in enumerate(mc.stage_layers(self.shape, stage, self.pp))]
+        if stage == self.pp - 1:
+            out.append((("decoder.final_layernorm.", "output_layer."),
+                        ("model.norm.", "lm_head.")))
+        return out
+
+    def _hf_buckets(self, local: dict[str, Tensor]) -> Iterator[dict[str, Tensor]]:
+        """HF-named full tensors from this rank's Megatron tensors, one bucket (the
+        embedding, a layer, the final norm and output layer) at a time, on every rank:
+        each bucket is gathered over TP on its stage, converted, and broadcast over PP, so
+        no rank holds more than one bucket besides its own shards (collective: every rank
+        must consume every bucket)."""
         from megatron.core import parallel_state as ps
 
         tp_group = ps.get_tensor_model_parallel_group()
         pp_group = ps.get_pipeline_model_parallel_group()
-        shards = {}
-        for name, t in local.items():
-            parts = [torch.empty_like(t) for _ in range(self.tp)]
-            dist.all_gather(parts, t.contiguous(), group=tp_group)
-            shards[name] = parts
-        full = mc.tp_merge([{n: p[r] for n, p in shards.items()} for r in range(self.tp)])
-        mine = mc.megatron_to_hf(full, self.shape, self.pp_rank, self.pp)
-        out: dict[str, Tensor] = {}
         ranks = dist.get_process_group_ranks(pp_group)
+        dtype = next(iter(local.values())).dtype
         for stage in range(self.pp):
-            for name, shape in mc.hf_shapes(self.shape, stage, self.pp).items():
-                t = mine[name] if stage == self.pp_rank else torch.empty(
-                    shape, dtype=next(iter(local.values())).dtype, device=self.device)
-                if self.pp > 1:
-                    dist.broadcast(t, src=ranks[stage], group=pp_group)
-                out[name] = t
-        return out
+            shapes = mc.hf_shapes(self.shape, stage, self.pp)
+            for meg, hf in self._bucket_prefixes(stage):
+                mine: dict[str, Tensor] = {}
+                if stage == self.pp_rank:
+                    shards: list[dict[str, Tensor]] = [{} for _ in range(self.tp)]
+                    for name, t in local.items():
+                        if name.startswith(meg):
+                            parts = [torch.empty_like(t) for _ in range(self.tp)]
+                            dist.all_gather(parts, t.contiguous(), group=tp_group)
+                            for r in range(self.tp):
+                                shards[r][name] = parts[r]
+                    mine = mc.megatron_to_hf(mc.tp_merge(shards), self.shape, stage, self.pp)
+                    del shards
+                bucket = {}
+                for name in (n for n in shapes if n.startswith(hf)):
+                    t = mine[name] if stage == self.pp_rank else torch.empty(
+                        shapes[name], dtype=dtype, device=self.device)
+                    if self.pp > 1:
+                        dist.broadcast(t, src=ranks[stage], group=pp_group)
+                    bucket[name] = t
+                yield bucket
 
+    @torch.no_grad()
     def export_weights(self) -> Iterator[tuple[str, Tensor]]:
-        """Full tensors under their Hugging Face names (collective: every rank calls it);
-        the HF model (`model`) is refreshed with them."""
+        """Full tensors under their Hugging Face names: the HF model's (`model`) own,
+        refreshed bucket by bucket (see _hf_buckets), so the largest extra tensor memory is
+        one layer's, not a copy of the model. Collective: every rank calls it, and it is
+        done before it returns. The tensors are overwritten by the next export: copy them
+        to keep them. `export_peak_bytes`: the largest bucket of this export."""
         local = {k: v for k, v in self.gpt.state_dict().items() if "_extra_state" not in k}
-        weights = {k: v.detach().cpu() for k, v in self._gather_hf(local).items()}
-        res = self.hf_model.load_state_dict(weights, strict=False)
-        if res.unexpected_keys or set(res.missing_keys) - {"lm_head.weight"}:  # tied: no copy
-            raise RuntimeError(f"export: HF names do not match the model: {res}")
-        return iter(weights.items())  # gathered now (a collective), not when iterated
+        params = self.hf_model.state_dict()
+        names: list[str] = []
+        self.export_peak_bytes = 0
+        for bucket in self._hf_buckets(local):
+            self.export_peak_bytes = max(self.export_peak_bytes, sum(
+                t.numel() * t.element_size() for t in bucket.values()))
+            for name, t in bucket.items():
+                if name not in params:
+                    raise RuntimeError(f"export: {name} is not a tensor of the HF model")
+                params[name].copy_(t)
+                names.append(name)
+        missing = set(params) - set(names) - ({"lm_head.weight"}  # tied: the embedding
+                                               if self.shape.tie_word_embeddings else set())
+        if missing:
+            raise RuntimeError(f"export: the HF model's {sorted(missing)} were not exported")
+        return iter([(name, params[name]) for name in names])
 
     def grads_hf(self) -> dict[str, Tensor]:
         """HF-named full gradients of the last forward_backward (collective). With the
@@ -466,7 +502,7 @@ class MegatronPolicy:
         local = {}
         for name, p in self.gpt.named_parameters():
             local[name] = p.main_grad.to(p.dtype)
-        return {k: v.cpu() for k, v in self._gather_hf(local).items()}
+        return {k: v.cpu() for bucket in self._hf_buckets(local) for k, v in bucket.items()}
 
     @property
     def model(self):

@@ -243,14 +243,17 @@ def hf_to_megatron(hf: Mapping[str, Tensor], shape: ModelShape, tp_rank: int = 0
 
 def megatron_to_hf(full: Mapping[str, Tensor], shape: ModelShape, pp_rank: int = 0,
                    pp_size: int = 1) -> dict[str, Tensor]:
-    """HF tensors held by stage `pp_rank`, from its TP-merged Megatron state dict. The
-    tied output layer's last-stage copy is not exported (the embedding is the weight)."""
+    """HF tensors held by stage `pp_rank`, from its TP-merged Megatron state dict, or any
+    part of it made of whole layers (an export bucket). The tied output layer's last-stage
+    copy is not exported (the embedding is the weight)."""
     out: dict[str, Tensor] = {}
     v = shape.vocab_size
     if "embedding.word_embeddings.weight" in full:
         out["model.embed_tokens.weight"] = full["embedding.word_embeddings.weight"][:v]
     for local, i in enumerate(stage_layers(shape, pp_rank, pp_size)):
         h, m = f"model.layers.{i}.", f"decoder.layers.{local}."
+        if m + "input_layernorm.weight" not in full:
+            continue
         out[h + "input_layernorm.weight"] = full[m + "input_layernorm.weight"]
         for p, t in zip("qkv", _split_qkv(shape, full[m + "self_attention.linear_qkv.weight"]),
                         strict=True):

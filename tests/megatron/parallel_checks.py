@@ -84,7 +84,9 @@ def compare(name: str, tp: int, pp: int, sequence_parallel: bool, tokenizer) -> 
     mp = MegatronPolicy(copy.deepcopy(ref), backend, algo, seed=0)
     hp = HFPolicy(ref, BackendConfig(logits_chunk=5), algo)
     out = {}
-    exported = dict(mp.export_weights())
+    exported = {k: v.clone() for k, v in mp.export_weights()}  # the next export overwrites
+    out["export_peak_fraction"] = mp.export_peak_bytes / sum(
+        t.numel() * t.element_size() for t in exported.values())
     out["export_exact"] = all(torch.equal(exported[k], v) for k, v in ref.state_dict().items()
                               if k in exported)
     out["export_names"] = sorted(set(ref.state_dict()) - set(exported))
@@ -225,7 +227,7 @@ def layout_report(tp: int, pp: int, save: str | None, tokenizer) -> dict:
                                 micro_batch_tokens=16)
         mp = MegatronPolicy(ref, backend, AlgoConfig(lr=1e-2), seed=0)
         mp.train_step(batches(len(tokenizer), 2, 16), loss_fn)  # weights and Adam state move
-        weights = dict(mp.export_weights())
+        weights = {k: v.clone() for k, v in mp.export_weights()}
         mp.save_sharded(save)
         mp.train_step(batches(len(tokenizer), 3, 16), loss_fn)  # what a resumed run must do
         after = dict(mp.export_weights())
