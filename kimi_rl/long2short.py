@@ -180,8 +180,8 @@ def sequence_logprobs(policy, prompts, responses, micro_batch_tokens: int,
                       share_prompts: bool) -> Tensor:
     """Per sequence, the sum of its response tokens' logprobs (no gradient)."""
     out = torch.zeros(len(prompts), dtype=torch.float64)
-    for pb in pack(prompts, responses, micro_batch_tokens, share_prompts=share_prompts):
-        lp = policy.logprobs(pb)[0]
+    batches = pack(prompts, responses, micro_batch_tokens, share_prompts=share_prompts)
+    for pb, (lp, _) in zip(batches, policy.logprobs_many(batches), strict=True):
         ids = torch.tensor(pb.seq_ids)[pb.seq_index]
         out.index_add_(0, ids, lp.double())
     return out

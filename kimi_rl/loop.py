@@ -431,8 +431,10 @@ def optimize(cfg: TrainConfig, policy, algo, samples: list[Sample], masks: list[
             older.append(diff[vers != it])  # sampled by earlier policies
 
     if cfg.algo.ref_logprobs == "trainer" and not ref_in_step:
-        for pb in packed(counted):
-            set_ref(policy.logprobs(pb, temperature)[0], pb, [counted[j] for j in pb.seq_ids])
+        batches = list(packed(counted))  # data parallel: each rank computes its share
+        for pb, (lp, _) in zip(batches, policy.logprobs_many(batches, temperature),
+                               strict=True):
+            set_ref(lp, pb, [counted[j] for j in pb.seq_ids])
     if cfg.algo.reset_optimizer:
         policy.reset_optimizer()
     if cfg.algo.lr_warmup_iterations:

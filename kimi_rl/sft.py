@@ -142,8 +142,9 @@ def heldout_loss(policy: HFPolicy, data: Sequence[Demo]) -> float:
     """Mean token NLL of the responses of `data` (no gradient)."""
     n_tokens = sum(len(r) for _, r in data)
     total = 0.0
-    for mb in pack([p for p, _ in data], [r for _, r in data], policy.cfg.micro_batch_tokens):
-        total += -float(policy.logprobs(mb)[0].sum())
+    batches = pack([p for p, _ in data], [r for _, r in data], policy.cfg.micro_batch_tokens)
+    for lp, _ in policy.logprobs_many(batches):  # data parallel: each rank its share
+        total += -float(lp.sum())
     return total / max(n_tokens, 1)
 
 

@@ -91,7 +91,8 @@ def test_data_parallel_step_and_state_match_one_process(tmp):
     report = json.loads(out.read_text())
     for name, r in report.items():
         assert r["world"] == 2 and r["micro_batches"] == 5, name
-        for key in ("logprobs", "entropy", "loss", "entropy_metric", "grad_norm", "grads",
+        assert r["many_forwards"] == -(-r["many_batches"] // 2) < r["many_batches"], name
+        for key in ("logprobs", "entropy", "many", "loss", "entropy_metric", "grad_norm", "grads",
                     "step_weights", "plain_model_refreshed", "state", "load",
                     "step_after_load"):
             assert r[key] <= TOL, (name, key, r[key])

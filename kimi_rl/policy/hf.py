@@ -6,8 +6,10 @@ final norm and output layer the root unit; each rank holds a shard of every para
 of the optimizer state. A train step's micro-batches are dealt out round robin (micro-batch
 i to rank i mod world; a rank left with fewer runs zero-loss stand-ins so that the
 collectives match) and the gradients are summed over ranks, so a step is the step of one
-process over all the micro-batches, up to float rounding. `logprobs` is computed in full on
-every rank (the loop calls it with the same batch everywhere). `model` is then a plain,
+process over all the micro-batches, up to float rounding. `logprobs_many` deals its batches
+out the same way and sums the results over ranks (each rank's zeros elsewhere: exact), so
+every rank gets every batch's logprobs for its share of the work; `logprobs` of one batch
+is computed in full on every rank. `model` is then a plain,
 unsharded copy for the rest of the trainer (rollout engine, saving, evaluation), refreshed
 by `export_weights`, which gathers one full tensor at a time. Checkpoints hold full state
 dicts under Hugging Face names, so a run resumes at another world size.
@@ -204,6 +206,28 @@ class HFPolicy:
         computes the whole batch)."""
         self.module.eval()
         return self._forward(batch, temperature)
+
+    @torch.no_grad()
+    def logprobs_many(self, batches: list[PackedBatch], temperature: float = 1.0
+                      ) -> list[tuple[Tensor, Tensor]]:
+        """`logprobs` of each batch, on every rank; under FSDP each rank computes its share
+        (batch i on rank i mod world; a stand-in forward where it has fewer, since every
+        forward gathers the shards) and one all-reduce gives every rank all of them."""
+        if self.world == 1:
+            return [self.logprobs(b, temperature) for b in batches]
+        self.module.eval()
+        sizes = [int(b.targets.numel()) for b in batches]
+        starts = [sum(sizes[:i]) for i in range(len(sizes) + 1)]
+        device = self.model.get_output_embeddings().weight.device
+        out = torch.zeros(2, starts[-1], device=device)
+        for j in range(-(-len(batches) // self.world)):
+            i = j * self.world + self.rank
+            lp, ent = self._forward(batches[min(i, len(batches) - 1)], temperature)
+            if i < len(batches):  # else a stand-in: the collectives of a forward
+                out[0, starts[i]:starts[i + 1]], out[1, starts[i]:starts[i + 1]] = lp, ent
+        dist.all_reduce(out)
+        return [(out[0, starts[i]:starts[i + 1]], out[1, starts[i]:starts[i + 1]])
+                for i in range(len(batches))]
 
     def train_step(self, micro_batches: list[PackedBatch], loss_fn: LossFn,
                    temperature: float = 1.0) -> dict[str, float]:

@@ -413,6 +413,11 @@ class MegatronPolicy:
         metrics["entropy"] = ent_sum / max(ent_count, 1)
         return metrics
 
+    def logprobs_many(self, batches: list[PackedBatch], temperature: float = 1.0
+                      ) -> list[tuple[Tensor, Tensor]]:
+        """`logprobs` of each batch (collective, as logprobs)."""
+        return [self.logprobs(b, temperature) for b in batches]
+
     def train_step(self, micro_batches: list[PackedBatch], loss_fn: LossFn,
                    temperature: float = 1.0) -> dict[str, float]:
         """One optimizer step over micro-batches (gradient accumulation), clipped to

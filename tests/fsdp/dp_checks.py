@@ -7,7 +7,8 @@ differences; tests/test_fsdp.py asserts on it.
 Each rank builds the one-process reference (an HFPolicy that is not data parallel trains
 alone), then the FSDP policy from the same weights. Checks, on a tied Llama (GQA)
 and an untied Qwen2 (q/k/v bias):
-- logprobs and entropies of packed batches;
+- logprobs and entropies of packed batches, one at a time and several at once
+  (`logprobs_many`: each rank runs half the forwards);
 - one train step over five micro-batches of different shapes (three on rank 0, two on rank
   1): the loss metric, the whole gradients (summed over ranks), the gradient norm, and
   the exported weights after the Adam step;
@@ -57,6 +58,15 @@ def compare(name: str, ref_policy: HFPolicy, tokenizer) -> dict:
         b, eb = ref_policy.logprobs(pb, temperature=0.7)
         lp_err, ent_err = max(lp_err, rel(a, b)), max(ent_err, rel(ea, eb))
     out["logprobs"], out["entropy"] = lp_err, ent_err
+    # several batches at once: each rank computes its share, every rank gets them all
+    many = batches(len(tokenizer), 0, 40) + batches(len(tokenizer), 5, 16)
+    forwards, inner = [], dp._forward
+    dp._forward = lambda *a: forwards.append(1) or inner(*a)
+    got = dp.logprobs_many(many, temperature=0.7)
+    del dp._forward
+    out["many_batches"], out["many_forwards"] = len(many), len(forwards)
+    out["many"] = max(max(rel(a, b), rel(ea, eb)) for (a, ea), (b, eb) in zip(
+        got, (ref_policy.logprobs(pb, temperature=0.7) for pb in many), strict=True))
     micro = batches(len(tokenizer), 1, 16)
     out["micro_batches"] = len(micro)
     m_dp = dp.train_step(micro, loss_fn)
