@@ -276,3 +276,10 @@ def test_flawed_demonstrations_stop_one_step_early(problems):
         assert bad.count("\n") == good.count("\n") - 1
         last_digit = int(p.prompt.split()[-1][1:])
         assert modsum.verify(p, bad) == float(last_digit == 0)
+
+
+def test_demonstrations_outside_the_levels_are_named_with_the_fix():
+    cfg = DataConfig(levels=[1, 2, 3], demos={1: 10, 5: 10, 6: 10})
+    with pytest.raises(ValueError, match=r"levels \[5, 6\] are not in data.levels \[1, 2, 3\]"
+                       r".*add data.demos.5=0 data.demos.6=0"):
+        load_task(cfg)
