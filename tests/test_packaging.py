@@ -121,18 +121,24 @@ def test_sft_then_eval_commands(tmp_path):
              "eval.max_new_tokens=16"]
     cli = [sys.executable, "-m", "kimi_rl.cli"]
 
-    def run(*args):
-        subprocess.run([*cli, *args, *small], check=True, cwd=tmp_path, capture_output=True)
+    def run(*commands):
+        """The commands at once (one thread each), each to completion without error."""
+        procs = [subprocess.Popen([*cli, *args, *small], cwd=tmp_path, stdout=subprocess.PIPE,
+                                  stderr=subprocess.STDOUT, text=True) for args in commands]
+        for args, proc in zip(commands, procs, strict=True):
+            out = proc.communicate(timeout=300)[0]
+            assert proc.returncode == 0, (args, out[-3000:])
 
-    run("sft", "sft.steps=3", f"run_dir={tmp_path / 'sft'}")
-    run("eval", "model=hf", f"model.path={tmp_path / 'sft' / 'hf_model'}",
-        f"run_dir={tmp_path / 'ev1'}")
+    # sft then its eval, beside RL then its checkpoint's eval
+    run(("sft", "sft.steps=3", f"run_dir={tmp_path / 'sft'}"),
+        ("train", "iterations=1", "sft.enabled=false", "sft.control=false",
+         "rollout.problems_per_iteration=2", "rollout.group_size=2",
+         "rollout.max_new_tokens=8", f"run_dir={tmp_path / 'rl'}"))
+    run(("eval", "model=hf", f"model.path={tmp_path / 'sft' / 'hf_model'}",
+         f"run_dir={tmp_path / 'ev1'}"),
+        ("eval", f"eval.checkpoint={tmp_path / 'rl'}", f"run_dir={tmp_path / 'ev2'}"))
     levels = {"1", "2", "3", "4", "5", "6"}
     assert set(json.loads((tmp_path / "ev1" / "eval.json").read_text())["accuracy"]) == levels
-    run("train", "iterations=1", "sft.enabled=false", "sft.control=false",
-        "rollout.problems_per_iteration=2", "rollout.group_size=2",
-        "rollout.max_new_tokens=8", f"run_dir={tmp_path / 'rl'}")
-    run("eval", f"eval.checkpoint={tmp_path / 'rl'}", f"run_dir={tmp_path / 'ev2'}")
     summary = json.loads((tmp_path / "rl" / "summary.json").read_text())
     evaluated = json.loads((tmp_path / "ev2" / "eval.json").read_text())
     assert evaluated["accuracy"] == summary["eval_after"]  # same weights, greedy
