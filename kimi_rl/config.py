@@ -286,6 +286,10 @@ class DataConfig:
     # problems per dataset and level
     rg_datasets: List[str] = field(default_factory=list)
     rg_levels: Dict[str, Dict[int, Dict[str, Any]]] = field(default_factory=dict)
+    # reasoning-gym SFT demonstrations, written by a programmatic teacher: dataset -> level
+    # -> how many (capped at its training problems the teacher can solve; datasets with a
+    # teacher: kimi_rl.data.reasoning_gym.TEACHERS)
+    rg_demos: Dict[str, Dict[int, int]] = field(default_factory=dict)
     seed: int = 1234
 
 

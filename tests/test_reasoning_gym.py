@@ -225,3 +225,65 @@ def test_rl_loop_trains_on_reasoning_gym(tmp_path, monkeypatch):
     summary = train(cfg, tmp_path)
     assert set(summary["eval_after"]) == {1, 2, 3, 4}
     assert len(calls) >= 2 * 2 * 2 and all(c.startswith("chain_sum-L") for c in calls)
+
+
+TEACHER_LEVELS = {"chain_sum": {1: {"min_terms": 2, "max_terms": 2},
+                                2: {"min_terms": 4, "max_terms": 4, "min_digits": 1,
+                                    "max_digits": 3}},
+                  "basic_arithmetic": {1: {"min_terms": 3, "max_terms": 3, "min_digits": 1,
+                                           "max_digits": 1}},
+                  "countdown": {1: {}}}
+
+
+def test_teacher_demonstrations_are_right_and_step_by_step():
+    """The chain-of-thought teacher: one line per operation, left to right (recomputed here
+    from the expression with Python's own arithmetic), the answer boxed on the last line,
+    full credit from the dataset's scorer; no demonstration where it cannot teach."""
+    train, _ = rg.generate(list(TEACHER_LEVELS), TEACHER_LEVELS, 30, 0, 3)
+    verifier = get_verifier("reasoning_gym")
+    taught = skipped = 0
+    for p in train:
+        name, _, entry = rg.entry_of(p)
+        expression = entry["metadata"].get("expression", "")
+        demo = rg.demonstration(p)
+        plain = re.fullmatch(r"-?\d+( [+-] -?\d+)+", expression or "")
+        if name == "countdown" or not plain:
+            assert demo is None, (p.id, expression)
+            skipped += 1
+            continue
+        taught += 1
+        *steps, last = demo.split("\n")
+        assert len(steps) == len(expression.split()) // 2
+        assert int(steps[-1].rsplit("= ", 1)[1]) == eval(expression)  # noqa: S307 (digits)
+        for a, b in zip(steps, steps[1:]):  # each line starts from the previous result
+            assert b.startswith(a.rsplit("= ", 1)[1] + " ")
+        assert last == f"The answer is \\boxed{{{eval(expression)}}}."  # noqa: S307
+        assert verifier(p, demo) == 1.0
+    assert taught > 40 and skipped > 30  # countdown, and basic_arithmetic's * / ( )
+
+
+def test_demonstrations_per_dataset_and_level():
+    cfg = DataConfig(task="reasoning_gym", rg_datasets=["chain_sum", "basic_arithmetic"],
+                     rg_levels={k: v for k, v in TEACHER_LEVELS.items() if k != "countdown"},
+                     rg_demos={"chain_sum": {1: 5, 2: 3}}, train_per_level=20,
+                     test_per_level=2)
+    demos = load_task(cfg).demonstrations(0.0, 0)
+    ids = [p.id for p, _ in demos]
+    assert sum(i.startswith("chain_sum-L1-") for i in ids) == 5
+    assert sum(i.startswith("chain_sum-L2-") for i in ids) == 3
+    assert len(ids) == 8  # none of basic_arithmetic: not asked for
+    assert not {p.id for p in load_task(cfg).test} & set(ids)
+
+
+@pytest.mark.parametrize("demos, match", [
+    ({"countdown": {1: 3}}, r"data.rg_demos.countdown: 'countdown' is not in data.rg_datasets"),
+    ({"chain_sum": {3: 3}}, r"data.rg_demos.chain_sum.3: chain_sum has no level 3 .*\[1, 2\]"),
+    ({"chain_sum": {1: -1}}, r"data.rg_demos.chain_sum.1: a count must be an integer >= 0"),
+])
+def test_bad_demonstration_settings_are_named(demos, match):
+    levels = {k: v for k, v in TEACHER_LEVELS.items() if k != "countdown"}
+    with pytest.raises(ValueError, match=match):
+        rg.demo_table(list(levels), levels, demos)
+    with pytest.raises(ValueError, match=r"data.rg_demos.countdown: countdown has no "
+                                         r"programmatic teacher"):
+        rg.demo_table(list(TEACHER_LEVELS), TEACHER_LEVELS, {"countdown": {1: 3}})

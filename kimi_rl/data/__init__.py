@@ -24,6 +24,8 @@ class TaskData:
     demos: dict[int, int] = field(default_factory=dict)  # level -> demonstrations for SFT
     stop_early: dict[int, float] = field(default_factory=dict)  # level -> flawed share
     vocabulary: list[str] | None = None  # characters, for the built-in tokenizer
+    # reasoning-gym: dataset -> level -> demonstrations (kimi_rl.data.reasoning_gym)
+    rg_demos: dict[str, dict[int, int]] = field(default_factory=dict)
 
     def demonstrations(self, confirm_prob: float, seed: int) -> list[tuple[Problem, str]]:
         """(problem, chain-of-thought response) pairs for the SFT cold start; a share
@@ -37,6 +39,22 @@ class TaskData:
                 confirm = rng.random() < confirm_prob
                 flawed = rng.random() < self.stop_early.get(p.level, 0.0)
                 out.append((p, modsum.demonstration(p, confirm, stop_early=flawed)))
+        rg_taken: dict[tuple[str, int], int] = {}
+        for p in self.train if self.rg_demos else ():
+            if p.task != reasoning_gym.TASK:
+                continue
+            key = (reasoning_gym.entry_of(p)[0], p.level)
+            if rg_taken.get(key, 0) < self.rg_demos.get(key[0], {}).get(p.level, 0):
+                demo = reasoning_gym.demonstration(p)
+                if demo is not None:
+                    rg_taken[key] = rg_taken.get(key, 0) + 1
+                    out.append((p, demo))
+        for name, by_level in self.rg_demos.items():
+            for level, want in sorted(by_level.items()):
+                if rg_taken.get((name, level), 0) < want:
+                    print(f"reasoning-gym {name} level {level}: {rg_taken.get((name, level), 0)}"
+                          f" demonstrations, {want} asked for (training problems the teacher "
+                          f"can solve)", file=sys.stderr, flush=True)
         return out
 
     @property
@@ -65,7 +83,10 @@ def load_task(cfg: DataConfig) -> TaskData:
         train, test = reasoning_gym.generate(
             list(cfg.rg_datasets), plain(cfg.rg_levels), cfg.train_per_level,
             cfg.test_per_level, cfg.seed)
-        return TaskData(train, test, vocabulary=reasoning_gym.vocabulary(train + test))
+        rg_demos = reasoning_gym.demo_table(list(cfg.rg_datasets), plain(cfg.rg_levels),
+                                            plain(cfg.rg_demos))
+        return TaskData(train, test, vocabulary=reasoning_gym.vocabulary(train + test),
+                        rg_demos=rg_demos)
     if cfg.task != "modsum":
         raise ValueError(f"data.task: unknown built-in task {cfg.task!r} "
                          f"(choose from ['modsum', '{reasoning_gym.TASK}'])")

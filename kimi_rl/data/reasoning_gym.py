@@ -223,6 +223,72 @@ def score(problem: Problem, answer: str | None) -> float:
     return float(credit >= 1.0)
 
 
+# datasets with a programmatic chain-of-thought teacher (`demonstration`)
+TEACHERS = ("chain_sum", "basic_arithmetic")
+
+
+def demo_table(names: Sequence[str], levels: Mapping[str, Mapping[int, Any]],
+               demos: Mapping[str, Mapping[int, int]]) -> dict[str, dict[int, int]]:
+    """The validated data.rg_demos: every dataset named is used (data.rg_datasets) and has a
+    teacher, every level is one of its table's, every count an integer >= 0."""
+    table = level_table(names, levels)
+    out: dict[str, dict[int, int]] = {}
+    for name, by_level in demos.items():
+        key = f"data.rg_demos.{name}"
+        if name not in table:
+            raise ValueError(f"{key}: {name!r} is not in data.rg_datasets {list(names)}")
+        if name not in TEACHERS:
+            raise ValueError(f"{key}: {name} has no programmatic teacher (datasets with one: "
+                             f"{list(TEACHERS)})")
+        if not isinstance(by_level, Mapping):
+            raise ValueError(f"{key}: must be a mapping level -> count, got {by_level!r}")
+        for level, count in by_level.items():
+            if level not in table[name]:
+                raise ValueError(f"{key}.{level}: {name} has no level {level} (its levels: "
+                                 f"{sorted(table[name])})")
+            if isinstance(count, bool) or not isinstance(count, int) or count < 0:
+                raise ValueError(f"{key}.{level}: a count must be an integer >= 0, got "
+                                 f"{count!r}")
+        out[name] = {int(k): int(v) for k, v in by_level.items() if v}
+    return out
+
+
+def _terms(expression: str) -> tuple[list[int], list[str]] | None:
+    """Integers and the + / - between them of `a op b op c ...` (space-separated, negative
+    numbers allowed); None for anything else (parentheses, * or /)."""
+    tokens = expression.split()
+    if len(tokens) < 3 or len(tokens) % 2 == 0:
+        return None
+    try:
+        numbers = [int(t) for t in tokens[0::2]]
+    except ValueError:
+        return None
+    ops = tokens[1::2]
+    return (numbers, ops) if all(op in ("+", "-") for op in ops) else None
+
+
+def demonstration(problem: Problem) -> str | None:
+    """A chain-of-thought response for a reasoning-gym problem whose dataset has a teacher
+    (TEACHERS) and whose expression is a chain of + and - (left to right, a line per
+    operation), ending with the answer as \\boxed{} on the last line; None otherwise. The
+    response is checked by the dataset's own scorer: it is right."""
+    name, _, entry = entry_of(problem)
+    if name not in TEACHERS:
+        return None
+    parsed = _terms(str(entry.get("metadata", {}).get("expression", "")))
+    if parsed is None:
+        return None
+    numbers, ops = parsed
+    lines, acc = [], numbers[0]
+    for op, b in zip(ops, numbers[1:], strict=True):
+        new = acc + b if op == "+" else acc - b
+        lines.append(f"{acc} {op} {b} = {new}")
+        acc = new
+    if score(problem, str(acc)) != 1.0:
+        return None
+    return "\n".join(lines + [f"The answer is \\boxed{{{acc}}}."])
+
+
 def vocabulary(problems: Sequence[Problem]) -> list[str]:
     """Characters for the built-in character tokenizer: printable ASCII and newline, plus
     every character of the prompts and answers."""
