@@ -255,7 +255,7 @@ def test_teacher_demonstrations_are_right_and_step_by_step():
         *steps, last = demo.split("\n")
         assert len(steps) == len(expression.split()) // 2
         assert int(steps[-1].rsplit("= ", 1)[1]) == eval(expression)  # noqa: S307 (digits)
-        for a, b in zip(steps, steps[1:]):  # each line starts from the previous result
+        for a, b in zip(steps, steps[1:], strict=False):  # a line starts from the last result
             assert b.startswith(a.rsplit("= ", 1)[1] + " ")
         assert last == f"The answer is \\boxed{{{eval(expression)}}}."  # noqa: S307
         assert verifier(p, demo) == 1.0
