@@ -5,8 +5,9 @@ differences; tests/test_fsdp.py asserts on it.
     torchrun --nproc-per-node 2 tests/fsdp/dp_checks.py --out r.json
 
 Each rank builds the one-process reference (an HFPolicy that is not data parallel trains
-alone), then the FSDP policy from the same weights. Checks, on a tied Llama (GQA)
-and an untied Qwen2 (q/k/v bias):
+alone), then the FSDP policy from the same weights. Checks, on a tied Llama (GQA), an
+untied Qwen2 (q/k/v bias), and the Llama with gradient checkpointing and bfloat16
+autocast:
 - logprobs and entropies of packed batches, one at a time and several at once
   (`logprobs_many`: each rank runs half the forwards);
 - one train step over five micro-batches of different shapes (three on rank 0, two on rank
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import os
 import sys
@@ -114,9 +116,13 @@ def main() -> None:
     algo = AlgoConfig(lr=1e-3, grad_clip=1e9)
     backend = BackendConfig(logits_chunk=5)
     dist.init_process_group("gloo")
-    # the one-process references (each rank trains its own copy alone)
+    # the one-process references (each rank trains its own copy alone); the last with
+    # gradient checkpointing and bfloat16 autocast, which FSDP must compose with
     refs = {name: HFPolicy(hf_model(name, tokenizer), backend, algo) for name in MODELS}
-    report = {name: compare(name, refs[name], tokenizer) for name in MODELS}
+    refs["llama_checkpointing_bf16"] = HFPolicy(
+        hf_model("llama", tokenizer), dataclasses.replace(
+            backend, gradient_checkpointing=True, autocast="bfloat16"), algo)
+    report = {name: compare(name.split("_")[0], ref, tokenizer) for name, ref in refs.items()}
     if dist.get_rank() == 0:
         with open(args.out, "w") as f:
             json.dump(report, f, indent=1)
