@@ -17,7 +17,9 @@ peak resident memory after generation shows the KV cache's growth.
 
 Prints a progress line per case (stderr) and a final JSON line: train_peak_extra_mib (row length ->
 MiB, packed case), train_peak_extra_mib_by_case, train_seconds (per case),
-packed_vs_alone_time (row length -> packed time / its sequences alone),
+packed_vs_alone_time (row length -> packed time / its sequences alone, timed interleaved in
+one process: `ratio_case`), packed_vs_alone_time_separate_processes (the same from the
+per-case processes' single steps),
 decode_tokens_per_s (context -> tokens/s), decode_rss_mib (context -> MiB).
 """
 
@@ -81,6 +83,45 @@ def train_case(lengths: list[int]) -> dict:
     return {"seconds": seconds, "peak_extra_mib": _peak_mib() - before, "rss_mib": _peak_mib()}
 
 
+def ratio_case(length: int, rounds: int) -> dict:
+    """Packed row against its sequences alone, timed in one process, interleaved: per round
+    one step of the packed row (L/2 + 4 x L/8), one of the L/2 sequence alone and one of an
+    L/8 sequence alone; the fastest round of each. (The per-case processes above time each
+    step once, at whatever load the machine has then.)"""
+    import torch
+
+    from kimi_rl.config import AlgoConfig, BackendConfig
+    from kimi_rl.policy.hf import HFPolicy
+    from kimi_rl.policy.packing import pack
+
+    model, tok = _model(length + 1)
+    gen = torch.Generator().manual_seed(0)
+    policy = HFPolicy(model, BackendConfig(), AlgoConfig(lr=1e-4))
+
+    def row(lengths):
+        seqs = [torch.randint(4, len(tok), (n,), generator=gen).tolist() for n in lengths]
+        (b,) = pack([s[:64] for s in seqs], [s[64:] for s in seqs], max_tokens=sum(lengths),
+                    row_tokens=sum(lengths))
+        return b
+
+    rows = {"packed": row([length // 2] + [length // 8] * 4), "half": row([length // 2]),
+            "eighth": row([length // 8])}
+
+    def step(b):
+        n = b.target_index.numel()
+        t = time.perf_counter()
+        policy.train_step([b], lambda lp, mb: (-lp.sum() / n, {}))
+        return time.perf_counter() - t
+
+    step(rows["eighth"])  # warm-up, optimizer state
+    best = dict.fromkeys(rows, float("inf"))
+    for _ in range(rounds):
+        for k, b in rows.items():
+            best[k] = min(best[k], step(b))
+    alone = best["half"] + 4 * best["eighth"]
+    return {"seconds": best, "alone_seconds": alone, "packed_vs_alone": best["packed"] / alone}
+
+
 def decode_case(context: int, batch: int, steps: int) -> dict:
     """Prefill `batch` prompts of `context` tokens, then `steps` greedy decode steps."""
     import torch
@@ -127,16 +168,19 @@ def main() -> None:
                     default=[1024, 2048, 4096, 8192, 16384, 32768])
     ap.add_argument("--decode-steps", type=int, default=8)
     ap.add_argument("--decode-batch", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=3,
+                    help="interleaved rounds of the packed-vs-alone timing (fastest kept)")
     ap.add_argument("--quick", action="store_true", help="rows of 1K and 2K, contexts 256, 512")
     ap.add_argument("--case", nargs=2, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.case:
         kind, arg = args.case[0], json.loads(args.case[1])
-        res = train_case(arg) if kind == "train" else decode_case(*arg)
+        res = (train_case(arg) if kind == "train" else ratio_case(*arg) if kind == "ratio"
+               else decode_case(*arg))
         print(json.dumps(res))
         return
     if args.quick:
-        args.lengths, args.contexts, args.decode_steps = [1024, 2048], [256, 512], 4
+        args.lengths, args.contexts, args.decode_steps, args.rounds = [1024, 2048], [256, 512], 4, 1
     train: dict[str, dict] = {}
     cases = {"packed": lambda L: [L // 2] + [L // 8] * 4, "half": lambda L: [L // 2],
              "eighth": lambda L: [L // 8], "single": lambda L: [L]}
@@ -146,6 +190,11 @@ def main() -> None:
             res = _sub("train", lengths)
             train[f"{L}/{name}"] = res
             print(f"train {L} {name} {lengths}: {res}", file=sys.stderr, flush=True)
+    ratio = {}
+    for L in args.lengths:
+        res = _sub("ratio", [L, args.rounds])
+        ratio[L] = res
+        print(f"packed vs alone {L}, interleaved: {res}", file=sys.stderr, flush=True)
     decode = {}
     for c in args.contexts:
         res = _sub("decode", [c, args.decode_batch, args.decode_steps])
@@ -164,7 +213,8 @@ def main() -> None:
         "train_peak_extra_mib": {L: get(f"{L}/packed", "peak_extra_mib") for L in args.lengths},
         "train_peak_extra_mib_by_case": {k: v.get("peak_extra_mib") for k, v in train.items()},
         "train_seconds": {k: v.get("seconds") for k, v in train.items()},
-        "packed_vs_alone_time": alone,
+        "packed_vs_alone_time": {L: ratio[L].get("packed_vs_alone") for L in args.lengths},
+        "packed_vs_alone_time_separate_processes": alone,
         "decode_tokens_per_s": {c: v.get("tokens_per_s") for c, v in decode.items()},
         "decode_prefill_seconds": {c: v.get("prefill_seconds") for c, v in decode.items()},
         "decode_rss_mib": {c: v.get("rss_mib") for c, v in decode.items()},
