@@ -56,6 +56,19 @@ def _peak_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB on Linux
 
 
+def _row(tok, lengths: list[int], gen):
+    """One packed row of random sequences of `lengths` (prompt: the first 64 tokens of
+    each); (batch, prompts, responses)."""
+    import torch
+
+    from kimi_rl.policy.packing import pack
+
+    seqs = [torch.randint(4, len(tok), (n,), generator=gen).tolist() for n in lengths]
+    prompts, responses = [s[:64] for s in seqs], [s[64:] for s in seqs]
+    (batch,) = pack(prompts, responses, max_tokens=sum(lengths), row_tokens=sum(lengths))
+    return batch, prompts, responses
+
+
 def train_case(lengths: list[int]) -> dict:
     """One train step on one row holding sequences of `lengths` (prompt 64 tokens each)."""
     import torch
@@ -66,10 +79,7 @@ def train_case(lengths: list[int]) -> dict:
 
     model, tok = _model(max(lengths) + 1)
     gen = torch.Generator().manual_seed(0)
-    vocab = len(tok)
-    seqs = [torch.randint(4, vocab, (n,), generator=gen).tolist() for n in lengths]
-    prompts, responses = [s[:64] for s in seqs], [s[64:] for s in seqs]
-    (batch,) = pack(prompts, responses, max_tokens=sum(lengths), row_tokens=sum(lengths))
+    batch, prompts, responses = _row(tok, lengths, gen)
     policy = HFPolicy(model, BackendConfig(), AlgoConfig(lr=1e-4))
     n = batch.target_index.numel()
     loss = lambda lp, mb: (-lp.sum() / n, {})  # noqa: E731
@@ -92,20 +102,14 @@ def ratio_case(length: int, rounds: int) -> dict:
 
     from kimi_rl.config import AlgoConfig, BackendConfig
     from kimi_rl.policy.hf import HFPolicy
-    from kimi_rl.policy.packing import pack
 
     model, tok = _model(length + 1)
     gen = torch.Generator().manual_seed(0)
     policy = HFPolicy(model, BackendConfig(), AlgoConfig(lr=1e-4))
 
-    def row(lengths):
-        seqs = [torch.randint(4, len(tok), (n,), generator=gen).tolist() for n in lengths]
-        (b,) = pack([s[:64] for s in seqs], [s[64:] for s in seqs], max_tokens=sum(lengths),
-                    row_tokens=sum(lengths))
-        return b
-
-    rows = {"packed": row([length // 2] + [length // 8] * 4), "half": row([length // 2]),
-            "eighth": row([length // 8])}
+    rows = {k: _row(tok, lengths, gen)[0] for k, lengths in (
+        ("packed", [length // 2] + [length // 8] * 4), ("half", [length // 2]),
+        ("eighth", [length // 8]))}
 
     def step(b):
         n = b.target_index.numel()
