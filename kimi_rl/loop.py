@@ -144,7 +144,15 @@ def train(cfg: TrainConfig, run_dir: str | Path, preempt: Preemption | None = No
                     raise ValueError(f"sft.from_run: {path} does not exist (the run must "
                                      f"have had sft.control=true)")
                 distributed.load_policy(policy, path, checkpoint.load(path))
-                summary["sft"] = {"from_run": str(cfg.sft.from_run)}
+                # the source's cold-start figures come along: an SFT control of this run
+                # is time-matched by the source's step time
+                stats = source_sft_stats(Path(cfg.sft.from_run))
+                if cfg.sft.control and not stats.get("seconds"):
+                    raise ValueError(
+                        f"sft.from_run: {Path(cfg.sft.from_run) / 'summary.json'} has no cold-"
+                        "start figures (`sft`) to time-match the SFT control with; use a "
+                        "finished run, or sft.control=false")
+                summary["sft"] = {**stats, "from_run": str(cfg.sft.from_run)}
                 log.print(f"sft cold start: loaded from {path}")
             else:
                 bar = log.start_bar("sft", cfg.sft.steps)  # at most; a target can end it early
@@ -518,6 +526,17 @@ def sft_report(what: str, stats: dict, n_demos: int, n_heldout: int) -> str:
             f"{stats['seconds']:.1f} s on {n_demos} demonstrations ({n_heldout} held out)")
 
 
+def source_sft_stats(run_dir: Path) -> dict:
+    """The cold-start figures (`summary.json`'s `sft`: steps, seconds, losses) of the run
+    an `sft.from_run` start comes from (a run that itself started from another carries
+    that one's); {} where it has none."""
+    try:
+        sft = json.loads((run_dir / "summary.json").read_text()).get("sft") or {}
+    except (OSError, ValueError):
+        return {}
+    return {k: v for k, v in sft.items() if k != "from_run"}
+
+
 def sft_control(cfg, run_dir, policy, engine, demos, heldout, summary, run_eval, log) -> dict:
     """The SFT start trained further on the same demonstrations, evaluated: as many steps
     as the cold start's mean step time fits in RL's wall time (rank 0's figures under
@@ -526,8 +545,10 @@ def sft_control(cfg, run_dir, policy, engine, demos, heldout, summary, run_eval,
     distributed.load_policy(policy, path, checkpoint.load(path))
     sft = summary.get("sft") or {}
     per_step = sft.get("seconds", 0.0) / max(sft.get("steps", 0), 1)
+    if per_step <= 0:
+        raise ValueError("sft.control: no cold-start step time to match RL's wall time with")
     steps = distributed.broadcast_int(
-        max(1, round(summary["rl_seconds"] / per_step)) if per_step > 0 else cfg.sft.steps)
+        max(1, round(summary["rl_seconds"] / per_step)))
     stats = run_sft(policy, demos, cfg.sft, cfg.seed + 7, steps, heldout, until_target=False)
     log.print(sft_report("sft control", stats, len(demos), len(heldout)))
     engine.update_weights(policy.export_weights())

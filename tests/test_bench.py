@@ -42,3 +42,42 @@ def test_rollout_throughput_bench_quick():
     assert all(v > 0 for v in result["tokens_per_s"].values())
     assert result["sync_seconds"] > 0
     assert set(result["goals_met"]) == set(result["goals"])
+
+
+def _demo_seeds():
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("demo_seeds", ROOT / "bench" / "demo_seeds.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _arm(after, length, **extra):
+    levels = {"1": 1.0, "2": 1.0, "3": 1.0, "4": 0.2, "5": 0.2}
+    return {"trained_levels": [1, 2, 3, 4, 5], "eval_before": levels,
+            "sft_control": {**levels, "5": 0.25},
+            "eval_after": dict(zip(levels, after, strict=True)),
+            "correct_length_final": length, "wall_seconds": 300.0,
+            "accuracy_change_after_warmup": {lv: 0.0 for lv in levels}, **extra}
+
+
+def test_demo_seeds_judges_each_bar():
+    """The demo's bars, one broken at a time against a run that meets all of them."""
+    judge = _demo_seeds().judge
+    off = _arm([1, 1, 1, 1, 1], 50.0)
+    good = _arm([1, 1, 1, 0.98, 0.97], 40.0)
+    assert all(judge(good, off).values())
+    failing = {  # (on, off)
+        # 9 points over the control (and as good as the off arm there)
+        "rl_beats_sft": (_arm([1, 1, 1, 1, 0.34], 40.0), _arm([1, 1, 1, 1, 0.34], 50.0)),
+        "penalty_shortens": (_arm([1, 1, 1, 1, 1], 40.5), off),  # 0.81x
+        "accuracy_vs_off": (_arm([1, 1, 1, 0.96, 1], 40.0), off),  # level 4: 4 points below
+        "holds_after_warmup": (_arm([1, 1, 1, 1, 1], 40.0, accuracy_change_after_warmup={
+            "1": -0.04, "2": 0.0, "3": 0.0, "4": 0.5, "5": 0.7}), off),
+        # 300 s of its own plus a loaded cold start of 301 s
+        "within_10_minutes": (_arm([1, 1, 1, 1, 1], 40.0, sft={"from_run": "x",
+                                                              "seconds": 301.0}), off),
+    }
+    for bar, (on, off_arm) in failing.items():
+        checks = judge(on, off_arm)
+        assert [k for k, ok in checks.items() if not ok] == [bar], bar

@@ -259,12 +259,29 @@ def test_summary(straight):
 
 
 def test_summary_with_sft_control(tmp_path):
-    summary = run(tmp_path, TINY + ["iterations=2", "checkpoint_every=2", "sft.control=true"])
+    first = tmp_path / "first"
+    args = TINY + ["iterations=2", "checkpoint_every=2", "sft.control=true"]
+    summary = run(first, args)
     assert sorted(int(lv) for lv in summary["sft_control"]) == LEVELS
-    on_disk = json.loads((tmp_path / "summary.json").read_text())
+    on_disk = json.loads((first / "summary.json").read_text())
     assert on_disk["sft_control"] == json.loads(json.dumps(summary["sft_control"]))
-    assert (tmp_path / "checkpoints" / "sft_start.pt").is_file()
-    assert checkpoint.latest(tmp_path).name == "iter_000002.pt"
+    assert (first / "checkpoints" / "sft_start.pt").is_file()
+    assert checkpoint.latest(first).name == "iter_000002.pt"
+
+    # a second run from the first one's SFT start: the same start, and its own control
+    # time-matched by the first run's cold-start step time (not sft.steps)
+    second = run(tmp_path / "second", args + [f"sft.from_run={first}", "sft.steps=500"])
+    assert second["eval_before"] == summary["eval_before"]
+    assert second["sft"]["from_run"] == str(first)
+    assert {k: second["sft"][k] for k in ("steps", "seconds")} == \
+        {k: summary["sft"][k] for k in ("steps", "seconds")}
+    per_step = summary["sft"]["seconds"] / summary["sft"]["steps"]
+    assert second["sft_control_stats"]["steps"] == max(1, round(second["rl_seconds"] / per_step))
+
+    # a source without its summary (still running, crashed) cannot time-match a control
+    (first / "summary.json").unlink()
+    with pytest.raises(ValueError, match="summary.json has no cold-start figures"):
+        run(tmp_path / "third", args + [f"sft.from_run={first}"])
 
 
 def test_summary_keys_when_nothing_is_correct(tmp_path):
