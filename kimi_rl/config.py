@@ -58,11 +58,6 @@ class AlgoConfig:
     # gradient); with one optimizer step an iteration and reset_optimizer, every step is
     # one, and a warmup shortens the first ones
     lr_warmup_iterations: int = 0
-    # the learning rate falls linearly over the last N RL iterations, to lr *
-    # lr_decay_final at the last one (0: off), so that the final policy is not whatever
-    # the last full-size (sign-descent) steps left
-    lr_decay_iterations: int = 0
-    lr_decay_final: float = 0.1
 
 
 @dataclass
@@ -542,10 +537,6 @@ def check_config(cfg: TrainConfig) -> None:
             "a number in [0, 1]")
     require("algo.lr_warmup_iterations", cfg.algo.lr_warmup_iterations,
             cfg.algo.lr_warmup_iterations >= 0, "an integer >= 0")
-    require("algo.lr_decay_iterations", cfg.algo.lr_decay_iterations,
-            cfg.algo.lr_decay_iterations >= 0, "an integer >= 0")
-    require("algo.lr_decay_final", cfg.algo.lr_decay_final,
-            0.0 <= cfg.algo.lr_decay_final <= 1.0, "in [0, 1]")
     if sft.target_loss is not None:
         require("sft.target_loss", sft.target_loss, sft.schedule == "wsd",
                 "null unless sft.schedule=wsd (only its stable phase can end early)")

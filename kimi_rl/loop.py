@@ -445,8 +445,8 @@ def optimize(cfg: TrainConfig, policy, algo, samples: list[Sample], masks: list[
             set_ref(lp, pb, [counted[j] for j in pb.seq_ids])
     if cfg.algo.reset_optimizer:
         policy.reset_optimizer()
-    if cfg.algo.lr_warmup_iterations or cfg.algo.lr_decay_iterations:
-        metrics["train/lr"] = rl_lr(cfg.algo, it, cfg.iterations)
+    if cfg.algo.lr_warmup_iterations:
+        metrics["train/lr"] = rl_lr(cfg.algo, it)
         policy.set_lr(metrics["train/lr"])
     steps = []
     for _ in range(cfg.algo.epochs):
@@ -480,18 +480,11 @@ def optimize(cfg: TrainConfig, policy, algo, samples: list[Sample], masks: list[
     return metrics
 
 
-def rl_lr(algo, iteration: int, iterations: int | None = None) -> float:
+def rl_lr(algo, iteration: int) -> float:
     """algo.lr, rising linearly over the first algo.lr_warmup_iterations iterations (a
     fresh Adam's first steps move every weight by about the learning rate, whatever its
-    gradient: sign descent), and falling linearly over the last algo.lr_decay_iterations
-    of `iterations` to algo.lr_decay_final of it at the last one."""
-    factor = min(1.0, (iteration + 1) / max(algo.lr_warmup_iterations, 1))
-    if algo.lr_decay_iterations and iterations is not None:
-        into = iteration - (iterations - algo.lr_decay_iterations) + 1  # 1..N in the decay
-        if into > 0:
-            factor *= 1.0 - (1.0 - algo.lr_decay_final) * min(into, algo.lr_decay_iterations) \
-                / algo.lr_decay_iterations
-    return algo.lr * factor
+    gradient: sign descent)."""
+    return algo.lr * min(1.0, (iteration + 1) / max(algo.lr_warmup_iterations, 1))
 
 
 def rollout_metrics(samples: list[Sample], weight: float) -> dict[str, float]:

@@ -134,20 +134,6 @@ def test_rl_learning_rate_warmup():
     assert rl_lr(AlgoConfig(lr=1e-4, lr_warmup_iterations=0), 0) == pytest.approx(1e-4)
 
 
-def test_rl_learning_rate_decay():
-    """Linear decay over the last N iterations to lr_decay_final x lr at the last one."""
-    from kimi_rl.config import AlgoConfig
-    from kimi_rl.loop import rl_lr
-
-    algo = AlgoConfig(lr=1e-4, lr_decay_iterations=4, lr_decay_final=0.2)
-    assert [rl_lr(algo, i, 10) for i in range(10)] == pytest.approx(
-        [1e-4] * 6 + [0.8e-4, 0.6e-4, 0.4e-4, 0.2e-4])
-    both = AlgoConfig(lr=1e-4, lr_warmup_iterations=2, lr_decay_iterations=2,
-                      lr_decay_final=0.0)
-    assert [rl_lr(both, i, 5) for i in range(5)] == pytest.approx(
-        [0.5e-4, 1e-4, 1e-4, 0.5e-4, 0.0])
-
-
 def test_held_out_target_starts_the_decay_and_ends_the_run_early(tiny):
     policy, (train, held) = tiny
     cfg = SFTConfig(lr=3e-2, warmup_steps=2, batch_size=8, eval_every=3, schedule="wsd",
