@@ -326,7 +326,9 @@ class SFTConfig:
     # machine's speed)
     control: bool = False
     # a run directory whose SFT start (checkpoints/sft_start.pt, written when sft.control
-    # is on) is loaded instead of training one: arms of a comparison share their SFT start
+    # is on) is loaded instead of training one: arms of a comparison share their SFT start.
+    # Its summary's cold-start figures come along (summary.json `sft`); with sft.control
+    # the source must have finished, since the control is time-matched by its step time
     from_run: Optional[str] = None
     # `kimi-rl sft`: demonstrations from a JSONL file (one per row: prompt, response; and
     # optionally id, answer, difficulty, task) instead of the task's built-in ones
