@@ -106,13 +106,9 @@ def one(out: Path, seed: int, perturbation: str, extra: list[str],
     base = [f"seed={seed}", *PERTURBATIONS[perturbation], *extra]
     d = out / f"seed{seed}-{perturbation}"
     t0 = time.perf_counter()
-    source = sft_from / d.name / "on" if sft_from else None
-    if source is None:
-        on = train(d / "on", base)
-    elif not (source / "checkpoints" / "sft_start.pt").is_file():
-        on = {"error": f"--sft-from: no {source / 'checkpoints' / 'sft_start.pt'}"}
-    else:
-        on = train(d / "on", [*base, f"sft.from_run={source}"])
+    # a missing source start fails the run with the loop's own error (in its stdout.log)
+    on = train(d / "on", [*base, *([f"sft.from_run={sft_from / d.name / 'on'}"]
+                                   if sft_from else [])])
     off = (train(d / "off", [*base, "reward.length_penalty_weight=0", "sft.control=false",
                              f"sft.from_run={d / 'on'}"])
            if "error" not in on else {"error": "not run"})

@@ -139,20 +139,21 @@ def train(cfg: TrainConfig, run_dir: str | Path, preempt: Preemption | None = No
             (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
         if cfg.sft.enabled:
             if cfg.sft.from_run:  # another run's SFT start (arms of a comparison share it)
-                path = Path(cfg.sft.from_run) / "checkpoints" / "sft_start.pt"
+                source = Path(cfg.sft.from_run)
+                path = source / "checkpoints" / "sft_start.pt"
                 if not path.is_file():
                     raise ValueError(f"sft.from_run: {path} does not exist (the run must "
                                      f"have had sft.control=true)")
                 distributed.load_policy(policy, path, checkpoint.load(path))
                 # the source's cold-start figures come along: an SFT control of this run
                 # is time-matched by the source's step time
-                stats = source_sft_stats(Path(cfg.sft.from_run))
+                stats = source_sft_stats(source)
                 if cfg.sft.control and not stats.get("seconds"):
                     raise ValueError(
-                        f"sft.from_run: {Path(cfg.sft.from_run) / 'summary.json'} has no cold-"
-                        "start figures (`sft`) to time-match the SFT control with; use a "
-                        "finished run, or sft.control=false")
-                summary["sft"] = {**stats, "from_run": str(cfg.sft.from_run)}
+                        f"sft.from_run: {source / 'summary.json'} has no cold-start figures "
+                        "(`sft`) to time-match the SFT control with; use a finished run, or "
+                        "sft.control=false")
+                summary["sft"] = {**stats, "from_run": str(source)}
                 log.print(f"sft cold start: loaded from {path}")
             else:
                 bar = log.start_bar("sft", cfg.sft.steps)  # at most; a target can end it early

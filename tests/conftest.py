@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import random
+import sys
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 import torch
@@ -20,6 +23,18 @@ from kimi_rl.rollout.samples import Sample
 # Tiny matrices: one thread avoids OpenMP spin-waits that make each matmul cost
 # milliseconds on a shared 2-core machine. Results do not depend on it.
 torch.set_num_threads(1)
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+
+
+def load_bench(name: str):
+    """A script of bench/ as a module (registered under its name, as dataclasses need)."""
+    spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault(name, module)
+    spec.loader.exec_module(module)
+    return module
+
 
 TINY = dict(hidden_size=32, num_layers=2, num_heads=2, num_kv_heads=2, intermediate_size=64)
 

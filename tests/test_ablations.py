@@ -3,25 +3,21 @@ exactly the intended runs, and bench/ablations.py reports hand-made run director
 
 from __future__ import annotations
 
-import importlib.util
 import itertools
 import json
 import statistics
-import sys
 from importlib import resources
 from pathlib import Path
 
 import pytest
+from conftest import load_bench
 from hydra import compose, initialize_config_module
 from omegaconf import OmegaConf
 
 from kimi_rl.config import check_config, register_configs
 
 ROOT = Path(__file__).resolve().parents[1]
-_spec = importlib.util.spec_from_file_location("ablations", ROOT / "bench" / "ablations.py")
-ab = importlib.util.module_from_spec(_spec)
-sys.modules.setdefault("ablations", ab)
-_spec.loader.exec_module(ab)
+ab = load_bench("ablations")
 
 
 # --- iterations to the threshold ---------------------------------------------------------

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import load_bench
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -44,14 +45,6 @@ def test_rollout_throughput_bench_quick():
     assert set(result["goals_met"]) == set(result["goals"])
 
 
-def _demo_seeds():
-    import importlib.util
-    spec = importlib.util.spec_from_file_location("demo_seeds", ROOT / "bench" / "demo_seeds.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def _arm(after, length, **extra):
     levels = {"1": 1.0, "2": 1.0, "3": 1.0, "4": 0.2, "5": 0.2}
     return {"trained_levels": [1, 2, 3, 4, 5], "eval_before": levels,
@@ -63,7 +56,7 @@ def _arm(after, length, **extra):
 
 def test_demo_seeds_judges_each_bar():
     """The demo's bars, one broken at a time against a run that meets all of them."""
-    judge = _demo_seeds().judge
+    judge = load_bench("demo_seeds").judge
     off = _arm([1, 1, 1, 1, 1], 50.0)
     good = _arm([1, 1, 1, 0.98, 0.97], 40.0)
     assert all(judge(good, off).values())

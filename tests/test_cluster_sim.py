@@ -2,21 +2,15 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-import sys
 from dataclasses import replace
-from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import load_bench
 
-_path = Path(__file__).resolve().parents[1] / "bench" / "cluster_sim.py"
-_spec = importlib.util.spec_from_file_location("cluster_sim", _path)
-cs = importlib.util.module_from_spec(_spec)
-sys.modules.setdefault("cluster_sim", cs)
-_spec.loader.exec_module(cs)
+cs = load_bench("cluster_sim")
 
 # A small cluster with the same shape of workload: 8 workers x 16 slots, k = 4, cap 8K.
 SMALL = cs.Workload(workers=8, slots=16, k=4, problems_per_iteration=32, prompt_len=100,
