@@ -81,6 +81,8 @@ def train_app(cfg: DictConfig) -> None:
 @hydra.main(**HYDRA)
 @_user_errors
 def sft_app(cfg: DictConfig) -> None:
+    from tqdm import tqdm
+
     from .build import build_policy, save_hf
     from .data import load_task
     from .loop import sft_report
@@ -94,7 +96,19 @@ def sft_app(cfg: DictConfig) -> None:
              else task.demonstrations(cfg.data.confirm_prob, cfg.seed))
     demos, heldout = split_heldout(encode_demos(tokenizer, pairs, prompt_format(cfg)),
                                    cfg.sft.heldout, cfg.seed)
-    stats = run_sft(policy, demos, cfg.sft, cfg.seed, cfg.sft.steps, heldout)
+    shown: dict[str, str] = {}
+    with tqdm(total=cfg.sft.steps, desc="sft", disable=not cfg.progress, dynamic_ncols=True) as bar:
+
+        def on_step(step, loss, lr):
+            shown["loss"] = f"{loss:.3f}"
+            bar.set_postfix(shown, refresh=False)
+            bar.update(1)
+
+        def on_eval(step, loss):
+            shown["held-out"] = f"{loss:.3f}"
+
+        stats = run_sft(policy, demos, cfg.sft, cfg.seed, cfg.sft.steps, heldout, on_step,
+                        on_eval=on_eval)
     out = save_hf(policy, tokenizer, _run_dir(cfg) / "hf_model")
     print(f"{sft_report('sft', stats, len(demos), len(heldout))}; model saved to {out}")
 
