@@ -15,7 +15,7 @@ from transformers import PreTrainedTokenizerBase
 from . import checkpoint
 from .build import build_engine, build_policy
 from .config import TrainConfig
-from .data import load_task, modsum
+from .data import load_task, modsum, reasoning_gym
 from .data.problems import Problem
 from .prompts import RAW, PromptFormat, prompt_format
 from .rewards.code import extract_program
@@ -27,24 +27,37 @@ from .rollout.samples import generate_groups
 def evaluate(engine: RolloutEngine, tokenizer: PreTrainedTokenizerBase,
              problems: Sequence[Problem], max_new_tokens: int,
              params: SamplingParams | None = None, fmt: PromptFormat | None = None) -> dict:
-    """Accuracy per level (one response per problem) and the mean token length of the
-    correct responses per level, prompts in the prompt format `fmt` (default raw). Returns
-    {"accuracy": {level: acc}, "correct_length": {level: mean}, "samples": [...]}."""
+    """Accuracy per level (one response per problem), also per task and level, and the mean
+    token length of the correct responses per level, prompts in the prompt format `fmt`
+    (default raw). Returns {"accuracy": {level: acc}, "by_task": {task: {level: acc}},
+    "correct_length": {level: mean}, "samples": [...]}; tasks as `task_name` names them."""
     params = params or SamplingParams(greedy=True)
     fmt = fmt or RAW
     samples = generate_groups(engine, tokenizer, problems, 1, max_new_tokens, params, fmt)
     hits: dict[int, list[float]] = defaultdict(list)
     lengths: dict[int, list[int]] = defaultdict(list)
+    task_hits: dict[str, dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
     for s in samples:
         ok = get_verifier(s.problem.task, answer=fmt.answer_location)(s.problem, s.text)
         hits[s.problem.level].append(ok)
+        task_hits[task_name(s.problem)][s.problem.level].append(ok)
         if ok:
             lengths[s.problem.level].append(len(s.tokens))
     return {
         "accuracy": {lv: sum(v) / len(v) for lv, v in sorted(hits.items())},
+        "by_task": {name: {lv: sum(v) / len(v) for lv, v in sorted(by_level.items())}
+                    for name, by_level in sorted(task_hits.items())},
         "correct_length": {lv: sum(v) / len(v) for lv, v in sorted(lengths.items())},
         "samples": samples,
     }
+
+
+def task_name(problem: Problem) -> str:
+    """The task a problem is reported under: a reasoning-gym problem's dataset (chain_sum,
+    countdown, ...), else its verifier's task (modsum, math, code, ...)."""
+    if problem.task == reasoning_gym.TASK:
+        return reasoning_gym.entry_of(problem)[0]
+    return problem.task
 
 
 def format_accuracy(title: str, acc: dict[int, float]) -> str:
@@ -173,8 +186,11 @@ def run_evaluation(cfg, out_dir, prompt_given: bool = False) -> dict:
     engine = build_engine(cfg, policy, tokenizer)
     result = evaluate(engine, tokenizer, problems, cfg.eval.max_new_tokens, fmt=fmt)
     print(format_accuracy("held-out accuracy", result["accuracy"]))
-    out = {"accuracy": result["accuracy"], "correct_length": result["correct_length"],
-           "prompt_format": cfg.prompt.format}
+    if len(result["by_task"]) > 1:
+        for name, acc in result["by_task"].items():
+            print(format_accuracy(f"  {name}", acc))
+    out = {"accuracy": result["accuracy"], "by_task": result["by_task"],
+           "correct_length": result["correct_length"], "prompt_format": cfg.prompt.format}
     if n:
         params = SamplingParams(cfg.rollout.temperature, cfg.rollout.top_p, seed=cfg.eval.seed)
         metrics = sampled_metrics(engine, tokenizer, problems, n, ks,

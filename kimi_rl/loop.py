@@ -39,7 +39,7 @@ from .build import build_engine, build_policy, build_sampler, save_hf
 from .collapse import CollapseDetector
 from .config import RolloutConfig, TrainConfig, check_config
 from .data import load_task
-from .evaluate import evaluate, format_accuracy
+from .evaluate import evaluate, format_accuracy, task_name
 from .logging import RunLogger
 from .policy.packing import pack
 from .preemption import Preempted, Preemption
@@ -90,17 +90,22 @@ def train(cfg: TrainConfig, run_dir: str | Path, preempt: Preemption | None = No
                                    cfg.seed)
     demo_counts = dict(Counter(p.level for p, _ in demo_pairs))
 
-    def run_eval(title: str, key: str) -> dict[int, float]:
-        """Greedy held-out accuracy per level, and (sampled) lengths of correct responses."""
+    def run_eval(title: str, key: str) -> dict:
+        """Greedy held-out accuracy per level (and per task), and (sampled) lengths of
+        correct responses; returns the greedy evaluation."""
         greedy = evaluate(engine, tokenizer, task.test, cfg.eval.max_new_tokens, fmt=fmt)
         sampled = evaluate(engine, tokenizer, task.test, cfg.eval.max_new_tokens,
                            SamplingParams(cfg.rollout.temperature, cfg.rollout.top_p,
                                           seed=cfg.seed), fmt)
         summary[key] = greedy["accuracy"]
+        summary.setdefault("accuracy_by_task", {})[key] = greedy["by_task"]
         summary.setdefault("sampled_accuracy", {})[key] = sampled["accuracy"]
         summary.setdefault("correct_length", {})[key] = sampled["correct_length"]
         log.print(format_accuracy(f"held-out ({title})", greedy["accuracy"]))
-        return greedy["accuracy"]
+        if len(greedy["by_task"]) > 1:
+            for name, acc in greedy["by_task"].items():
+                log.print(format_accuracy(f"  {name}", acc))
+        return greedy
 
     summary: dict = {**{key: None for key in SUMMARY_KEYS},
                      "run_dir": str(run_dir), "rl_seconds": 0.0, "wall_seconds": 0.0}
@@ -199,7 +204,10 @@ def train(cfg: TrainConfig, run_dir: str | Path, preempt: Preemption | None = No
             summary[key] = (summary.get(key) or 0) + int(metrics[metric])
         if cfg.eval.every and (it + 1) % cfg.eval.every == 0:
             ev = run_eval(f"it {it + 1}", f"eval_it{it + 1}")
-            metrics.update({f"eval/accuracy_L{lv}": a for lv, a in ev.items()})
+            metrics.update({f"eval/accuracy_L{lv}": a for lv, a in ev["accuracy"].items()})
+            if len(ev["by_task"]) > 1:
+                metrics.update({f"eval/{name}/accuracy_L{lv}": a
+                                for name, acc in ev["by_task"].items() for lv, a in acc.items()})
         if cfg.collapse.enabled:
             metrics.update(detector.update(it, metrics))
             if detector.fired:
@@ -515,6 +523,11 @@ def rollout_metrics(samples: list[Sample], weight: float) -> dict[str, float]:
         of_level = [s.correct for s in samples if s.problem.level == lv]
         m[f"accuracy/train_L{lv}"] = float(np.mean(of_level))
         m[f"rollout/samples_L{lv}"] = len(of_level)
+    names = [task_name(s.problem) for s in samples]
+    if len(set(names)) > 1:  # several tasks (reasoning-gym datasets): accuracy of each
+        for name in sorted(set(names)):
+            m[f"accuracy/train_task/{name}"] = float(
+                np.mean([s.correct for s, n in zip(samples, names, strict=True) if n == name]))
     return m
 
 

@@ -156,7 +156,8 @@ def test_eval_command_with_another_engine(tmp_path, monkeypatch, tokenizer):
 
 def test_eval_without_samples_and_bad_k(tmp_path):
     out = ev.run_evaluation(compose(TINY), tmp_path)
-    assert set(out) == {"accuracy", "correct_length", "prompt_format"}
+    assert set(out) == {"accuracy", "by_task", "correct_length", "prompt_format"}
+    assert out["by_task"] == {"modsum": out["accuracy"]}
     with pytest.raises(ValueError, match="eval.k"):
         ev.run_evaluation(compose(TINY + ["eval.samples=2", "eval.k=[1,4]"]), tmp_path)
 

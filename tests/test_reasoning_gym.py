@@ -287,3 +287,40 @@ def test_bad_demonstration_settings_are_named(demos, match):
     with pytest.raises(ValueError, match=r"data.rg_demos.countdown: countdown has no "
                                          r"programmatic teacher"):
         rg.demo_table(list(TEACHER_LEVELS), TEACHER_LEVELS, {"countdown": {1: 3}})
+
+
+class GoldForChainSum:
+    """An engine that answers chain_sum questions with the gold answer (read from the
+    prompt, summed here) and anything else wrongly."""
+
+    def __init__(self, tokenizer):
+        self.tok = tokenizer
+
+    def generate(self, requests, max_new_tokens, params, max_running=None, max_steps=None):
+        from kimi_rl.rollout.engine import Segment
+
+        out = []
+        for r in requests:
+            prompt = self.tok.decode(r.prompt_ids, skip_special_tokens=True)
+            m = re.search(r"problem: (.*) =", prompt)
+            text = f"\\boxed{{{eval(m.group(1))}}}" if m else "\\boxed{no idea}"
+            ids = self.tok(text, add_special_tokens=False).input_ids + [self.tok.eos_token_id]
+            out.append(Segment(ids, [0.0] * len(ids), "stop"))
+        return out
+
+
+def test_evaluation_reports_each_dataset():
+    """Held-out accuracy per task and level: a reasoning-gym problem counts under its
+    dataset, so two datasets at the same level are told apart (the per-level figure mixes
+    them)."""
+    from kimi_rl.data.tokenizer import char_tokenizer
+    from kimi_rl.evaluate import evaluate, task_name
+
+    _, test = build(levels={"chain_sum": {1: {"min_terms": 2, "max_terms": 2}, 2: {}},
+                            "countdown": {1: LEVELS["countdown"][2]}}, train=0, test=3)
+    tokenizer = char_tokenizer(rg.vocabulary(test))
+    out = evaluate(GoldForChainSum(tokenizer), tokenizer, test, 16)
+    assert sorted({task_name(p) for p in test}) == ["chain_sum", "countdown"]
+    assert out["by_task"] == {"chain_sum": {1: 1.0, 2: 1.0}, "countdown": {1: 0.0}}
+    assert out["accuracy"] == {1: 0.5, 2: 1.0}
+    assert task_name(Problem("m", "x", "1", 1, "modsum")) == "modsum"
