@@ -58,6 +58,13 @@ class AlgoConfig:
     # gradient); with one optimizer step an iteration and reset_optimizer, every step is
     # one, and a warmup shortens the first ones
     lr_warmup_iterations: int = 0
+    # skip the forward and backward passes of samples whose advantage is 0 (every response
+    # of their group equally rewarded), where that is exact: one optimizer step an
+    # iteration whose reference logprobs are its own forward pass (ref_logprobs=trainer, no
+    # dropout). Their gradient is then 0 (the policy term is their advantage, the penalty
+    # term their log-ratio, 0 at theta_i); the loss keeps its normalisation. train/entropy
+    # and the other per-token statistics then cover the trained samples only
+    skip_zero_advantage: bool = False
 
 
 @dataclass

@@ -435,6 +435,8 @@ def optimize(cfg: TrainConfig, policy, algo, samples: list[Sample], masks: list[
     # detached logprobs are pi_theta_i's and a separate reference pass would repeat them
     ref_in_step = (cfg.algo.ref_logprobs == "trainer" and cfg.algo.epochs * len(chunks) == 1
                    and getattr(policy, "no_dropout", False))
+    # samples of advantage 0 have zero gradient in that one step (AlgoConfig)
+    skip_zero = cfg.algo.skip_zero_advantage and ref_in_step
     ref = list(rollout_lp)  # "rollout" (check_config allows no other value): what sampled
     fresh, older = [], []  # |logp_ref - sampling logp| per token, by who sampled it
 
@@ -457,7 +459,7 @@ def optimize(cfg: TrainConfig, policy, algo, samples: list[Sample], masks: list[
     if cfg.algo.lr_warmup_iterations:
         metrics["train/lr"] = rl_lr(cfg.algo, it)
         policy.set_lr(metrics["train/lr"])
-    steps = []
+    steps, skipped = [], 0
     for _ in range(cfg.algo.epochs):
         for chunk in chunks:
             in_chunk = set(chunk.tolist())
@@ -466,6 +468,11 @@ def optimize(cfg: TrainConfig, policy, algo, samples: list[Sample], masks: list[
             if not trained:
                 continue
             n_seqs, n_tokens = len(members), sum(sum(masks[i]) for i in trained)
+            if skip_zero:
+                skipped += sum(adv[i] == 0 for i in trained)
+                trained = [i for i in trained if adv[i] != 0]
+                if not trained:  # a zero gradient: no step
+                    continue
 
             def loss_fn(lp, pb, trained=trained, n_seqs=n_seqs, n_tokens=n_tokens):
                 idx = [trained[j] for j in pb.seq_ids]
@@ -486,6 +493,8 @@ def optimize(cfg: TrainConfig, policy, algo, samples: list[Sample], masks: list[
         metrics[f"train/{k}" if not k.startswith("loss/") else k] = float(
             np.mean([s[k] for s in steps]))
     metrics["train/optimizer_steps"] = len(steps)
+    if skip_zero:
+        metrics["train/skipped_samples"] = int(skipped)
     return metrics
 
 

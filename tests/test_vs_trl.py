@@ -132,3 +132,54 @@ def test_vs_trl_quick():
     by = r["trl_seconds_per_step_by_precision"]  # TRL in both precisions, the faster taken
     assert set(by) == {"float32", "bfloat16"}
     assert r["trl"]["seconds_per_step"] == min(by.values()) == by[r["trl_precision"]]
+
+
+@pytest.mark.parametrize("algo", ["omd", "grpo"])
+def test_zero_advantage_samples_skipped_exactly(algo):
+    """algo.skip_zero_advantage: a group whose responses are all rewarded alike is not
+    computed, and the step's gradient is the one with it (the loss's normalisation kept)."""
+    tok = char_tokenizer(modsum.vocabulary())
+    samples = _samples(tok, n_groups=4, k=3, seed=1)
+    rewards = {0: [1, 1, 1], 1: [1, 0, 1], 2: [0, 0, 0], 3: [0, 1, 0]}  # 0 and 2: advantage 0
+    for j, s in enumerate(samples):
+        s.reward = float(rewards[s.group][j % 3])
+    masks = [[True] * len(s.tokens) for s in samples]
+    model = tiny_model(ModelConfig(hidden_size=32, num_layers=2, num_heads=2, num_kv_heads=2,
+                                   intermediate_size=64), tok, seed=0)
+    seen: dict[bool, int] = {}
+    grads, metrics = {}, {}
+    for skip in (False, True):
+        cfg = TrainConfig()
+        cfg.algo.name, cfg.algo.skip_zero_advantage = algo, skip
+
+        class Counting(HFPolicy):
+            def train_step(self, micro_batches, loss_fn, temperature=1.0, skip=skip):
+                seen[skip] = sum(len(b.seq_ids) for b in micro_batches)
+                return super().train_step(micro_batches, loss_fn, temperature)
+
+        policy = Counting(copy.deepcopy(model), cfg.backend, cfg.algo)
+        metrics[skip] = optimize(cfg, policy, get_algorithm(algo), samples, masks, 1.0, 0)
+        grads[skip] = {n: p.grad.clone() for n, p in policy.model.named_parameters()}
+    assert seen == {False: 12, True: 6}
+    assert metrics[True]["train/skipped_samples"] == 6
+    assert "train/skipped_samples" not in metrics[False]
+    assert metrics[True]["loss/total"] == pytest.approx(metrics[False]["loss/total"], abs=1e-6)
+    assert any(g.abs().max() > 0 for g in grads[True].values())
+    for n, g in grads[False].items():
+        torch.testing.assert_close(grads[True][n], g, rtol=1e-4, atol=1e-7, msg=n)
+
+
+def test_zero_advantage_samples_kept_where_skipping_is_not_exact():
+    """Two optimizer steps: theta moves after the first, so the penalty term of a
+    zero-advantage sample has a gradient in the second; nothing is skipped."""
+    tok = char_tokenizer(modsum.vocabulary())
+    cfg = TrainConfig()
+    cfg.algo.skip_zero_advantage, cfg.algo.epochs = True, 2
+    samples = _samples(tok, n_groups=2, k=2, seed=1)
+    for s in samples:
+        s.reward = 1.0
+    model = tiny_model(ModelConfig(hidden_size=32, num_layers=2, num_heads=2, num_kv_heads=2,
+                                   intermediate_size=64), tok, seed=0)
+    m = optimize(cfg, HFPolicy(model, cfg.backend, cfg.algo), get_algorithm("omd"), samples,
+                 [[True] * len(s.tokens) for s in samples], 1.0, 0)
+    assert m["train/optimizer_steps"] == 2 and "train/skipped_samples" not in m
