@@ -74,3 +74,29 @@ def test_demo_seeds_judges_each_bar():
     for bar, (on, off_arm) in failing.items():
         checks = judge(on, off_arm)
         assert [k for k, ok in checks.items() if not ok] == [bar], bar
+
+
+def test_recipe_seeds_judges_each_bar():
+    """The pretrained-model recipe's bars: RL over its start and over the control, by 10
+    points on the mean of the trained levels (not on one level), and 30 minutes of training."""
+    judge = load_bench("recipe_seeds").judge
+
+    def run(before, after, control, seconds=(200.0, 600.0, 600.0)):
+        return {"trained_levels": [1, 2],
+                "eval_before": {"1": before[0], "2": before[1], "3": 0.0},
+                "eval_after": {"1": after[0], "2": after[1], "3": 0.0},
+                "sft_control": {"1": control[0], "2": control[1], "3": 0.9},
+                "sft": {"seconds": seconds[0]}, "rl_seconds": seconds[1],
+                "sft_control_stats": {"seconds": seconds[2]}}
+
+    checks, figures = judge(run((0.5, 0.1), (0.8, 0.3), (0.6, 0.2)))
+    assert all(checks.values()) and figures["train_seconds"] == 1400.0
+    assert abs(figures["after"] - 0.55) < 1e-9  # level 3, not trained, does not count
+    failing = {
+        "rl_beats_start": run((0.6, 0.1), (0.8, 0.09), (0.5, 0.1)),  # +9 on the mean
+        "rl_beats_control": run((0.5, 0.1), (0.8, 0.3), (0.7, 0.21)),  # +9.5
+        "within_30_minutes": run((0.5, 0.1), (0.8, 0.3), (0.6, 0.2), (200.0, 800.0, 801.0)),
+    }
+    for bar, summary in failing.items():
+        checks, _ = judge(summary)
+        assert [k for k, ok in checks.items() if not ok] == [bar], bar

@@ -186,3 +186,27 @@ def test_demo_uses_partial_rollouts():
     check_config(cfg)
     assert cfg.rollout.partial.enabled
     assert cfg.rollout.partial.budget < cfg.rollout.max_new_tokens
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_smollm2_gym_recipe(monkeypatch, tmp_path, native):
+    """The pretrained-model recipe: SmolLM2's directory from ${smollm2:}, bfloat16 only
+    where it is native, the chat format on reasoning-gym with vLLM, values check_config
+    accepts, and RL trained on levels the cold start has no demonstrations of."""
+    import kimi_rl.policy.model as model
+    from kimi_rl import host
+    from kimi_rl.config import check_config
+
+    monkeypatch.setattr(model, "smollm2_dir", lambda: tmp_path / "smollm2")
+    monkeypatch.setattr(host, "native_bfloat16", lambda: native)
+    cfg = make(["experiment=smollm2_gym"])
+    check_config(cfg)
+    assert cfg.model.path == str(tmp_path / "smollm2")
+    assert (cfg.backend.autocast, cfg.rollout.dtype) == (
+        ("bfloat16", "bfloat16") if native else (None, "float32"))
+    assert (cfg.prompt.format, cfg.rollout.engine, cfg.data.task) == (
+        "chat", "vllm", "reasoning_gym")
+    assert cfg.sft.enabled and cfg.sft.control
+    demonstrated = {int(lv) for lv in cfg.data.rg_demos.chain_sum}
+    trained = {int(lv) for st in cfg.curriculum.stages for lv, w in st.levels.items() if w > 0}
+    assert demonstrated < trained
