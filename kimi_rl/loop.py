@@ -469,7 +469,7 @@ def optimize(cfg: TrainConfig, policy, algo, samples: list[Sample], masks: list[
                 continue
             n_seqs, n_tokens = len(members), sum(sum(masks[i]) for i in trained)
             if skip_zero:
-                skipped += sum(adv[i] == 0 for i in trained)
+                skipped += sum(int(adv[i] == 0) for i in trained)
                 trained = [i for i in trained if adv[i] != 0]
                 if not trained:  # a zero gradient: no step
                     continue
@@ -494,7 +494,7 @@ def optimize(cfg: TrainConfig, policy, algo, samples: list[Sample], masks: list[
             np.mean([s[k] for s in steps]))
     metrics["train/optimizer_steps"] = len(steps)
     if skip_zero:
-        metrics["train/skipped_samples"] = int(skipped)
+        metrics["train/skipped_samples"] = skipped
     return metrics
 
 
