@@ -87,7 +87,7 @@ def sft_app(cfg: DictConfig) -> None:
     from .data import load_task
     from .loop import sft_report
     from .prompts import prompt_format
-    from .sft import encode_demos, load_demos, run_sft, split_heldout
+    from .sft import encode_demos, load_demos, progress_callbacks, run_sft, split_heldout
 
     host.setup(cfg.num_threads)
     task = load_task(cfg.data)
@@ -96,17 +96,8 @@ def sft_app(cfg: DictConfig) -> None:
              else task.demonstrations(cfg.data.confirm_prob, cfg.seed))
     demos, heldout = split_heldout(encode_demos(tokenizer, pairs, prompt_format(cfg)),
                                    cfg.sft.heldout, cfg.seed)
-    shown: dict[str, str] = {}
     with tqdm(total=cfg.sft.steps, desc="sft", disable=not cfg.progress, dynamic_ncols=True) as bar:
-
-        def on_step(step, loss, lr):
-            shown["loss"] = f"{loss:.3f}"
-            bar.set_postfix(shown, refresh=False)
-            bar.update(1)
-
-        def on_eval(step, loss):
-            shown["held-out"] = f"{loss:.3f}"
-
+        on_step, on_eval = progress_callbacks(bar)
         stats = run_sft(policy, demos, cfg.sft, cfg.seed, cfg.sft.steps, heldout, on_step,
                         on_eval=on_eval)
     out = save_hf(policy, tokenizer, _run_dir(cfg) / "hf_model")

@@ -15,6 +15,8 @@ from typing import Any, Dict, List, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
 
+from . import host
+
 
 @dataclass
 class ModelConfig:
@@ -624,12 +626,6 @@ def _smollm2_path() -> str:
     return str(smollm2_dir())
 
 
-def _native_bf16() -> bool:
-    from .host import native_bfloat16
-
-    return native_bfloat16()
-
-
 def register_configs() -> None:
     if not OmegaConf.has_resolver("run_dir_of"):  # hydra.run.dir: run_dir, resume or new
         OmegaConf.register_new_resolver(
@@ -638,6 +634,6 @@ def register_configs() -> None:
         OmegaConf.register_new_resolver("smollm2", _smollm2_path)
     if not OmegaConf.has_resolver("native_bf16"):  # ${native_bf16:a,b}: a where bfloat16
         OmegaConf.register_new_resolver(         # is fast here (kimi_rl.host), else b
-            "native_bf16", lambda fast, slow: fast if _native_bf16() else slow)
+            "native_bf16", lambda fast, slow: fast if host.native_bfloat16() else slow)
     cs = ConfigStore.instance()
     cs.store(name="train_schema", node=TrainConfig)

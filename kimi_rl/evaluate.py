@@ -65,6 +65,14 @@ def format_accuracy(title: str, acc: dict[int, float]) -> str:
     return f"{title:<22} {cells}"
 
 
+def task_lines(by_task: dict[str, dict[int, float]]) -> list[str]:
+    """A line of accuracy per level for each task, where there are several (one task: its
+    figures are the per-level line's)."""
+    if len(by_task) < 2:
+        return []
+    return [format_accuracy(f"  {name}", acc) for name, acc in by_task.items()]
+
+
 def pass_at_k(n: int, c: int, k: int) -> float:
     """Unbiased pass@k from n responses of which c are correct: the chance that k of them,
     drawn without replacement, hold a correct one, 1 - C(n-c, k) / C(n, k)."""
@@ -186,9 +194,8 @@ def run_evaluation(cfg, out_dir, prompt_given: bool = False) -> dict:
     engine = build_engine(cfg, policy, tokenizer)
     result = evaluate(engine, tokenizer, problems, cfg.eval.max_new_tokens, fmt=fmt)
     print(format_accuracy("held-out accuracy", result["accuracy"]))
-    if len(result["by_task"]) > 1:
-        for name, acc in result["by_task"].items():
-            print(format_accuracy(f"  {name}", acc))
+    for line in task_lines(result["by_task"]):
+        print(line)
     out = {"accuracy": result["accuracy"], "by_task": result["by_task"],
            "correct_length": result["correct_length"], "prompt_format": cfg.prompt.format}
     if n:

@@ -39,7 +39,7 @@ from .build import build_engine, build_policy, build_sampler, save_hf
 from .collapse import CollapseDetector
 from .config import RolloutConfig, TrainConfig, check_config
 from .data import load_task
-from .evaluate import evaluate, format_accuracy, task_name
+from .evaluate import evaluate, format_accuracy, task_lines, task_name
 from .logging import RunLogger
 from .policy.packing import pack
 from .preemption import Preempted, Preemption
@@ -51,7 +51,7 @@ from .rollout.engine import SamplingParams
 from .rollout.partial import PartialRollouts, StepStats
 from .rollout.replicas import Replicas
 from .rollout.samples import Sample, score_groups
-from .sft import encode_demos, run_sft, split_heldout
+from .sft import encode_demos, progress_callbacks, run_sft, split_heldout
 
 # summary.json always holds these keys (null where a phase did not run or nothing was
 # correct), besides run_dir, rl_seconds, the eval_it<N> results and the per-phase details
@@ -102,9 +102,8 @@ def train(cfg: TrainConfig, run_dir: str | Path, preempt: Preemption | None = No
         summary.setdefault("sampled_accuracy", {})[key] = sampled["accuracy"]
         summary.setdefault("correct_length", {})[key] = sampled["correct_length"]
         log.print(format_accuracy(f"held-out ({title})", greedy["accuracy"]))
-        if len(greedy["by_task"]) > 1:
-            for name, acc in greedy["by_task"].items():
-                log.print(format_accuracy(f"  {name}", acc))
+        for line in task_lines(greedy["by_task"]):
+            log.print(line)
         return greedy
 
     summary: dict = {**{key: None for key in SUMMARY_KEYS},
@@ -161,20 +160,16 @@ def train(cfg: TrainConfig, run_dir: str | Path, preempt: Preemption | None = No
                 summary["sft"] = {**stats, "from_run": str(source)}
                 log.print(f"sft cold start: loaded from {path}")
             else:
-                bar = log.start_bar("sft", cfg.sft.steps)  # at most; a target can end it early
-                shown: dict[str, str] = {}
-
                 def on_step(step, loss, lr):
-                    shown["loss"] = f"{loss:.3f}"
-                    bar.set_postfix(shown, refresh=False)
-                    bar.update(1)
                     log.phase_scalars("sft", {"sft/loss": loss, "sft/lr": lr}, step)
                     stop_if_requested("during the SFT cold start")
 
                 def on_eval(step, loss):
-                    shown["held-out"] = f"{loss:.3f}"
                     log.phase_scalars("sft", {"sft/heldout_loss": loss}, step)
 
+                # at most sft.steps; a target loss can end it early
+                on_step, on_eval = progress_callbacks(log.start_bar("sft", cfg.sft.steps),
+                                                      on_step, on_eval)
                 summary["sft"] = run_sft(
                     policy, demos, cfg.sft, cfg.seed, cfg.sft.steps, heldout, on_step,
                     on_eval=on_eval)

@@ -148,6 +148,26 @@ def heldout_loss(policy: HFPolicy, data: Sequence[Demo]) -> float:
     return total / max(n_tokens, 1)
 
 
+def progress_callbacks(bar, on_step=None, on_eval=None):
+    """run_sft's on_step and on_eval that show the batch loss and the held-out loss on a
+    tqdm `bar`, then call `on_step(step, loss, lr)` / `on_eval(step, loss)` if given."""
+    shown: dict[str, str] = {}
+
+    def step_shown(step, loss, lr):
+        shown["loss"] = f"{loss:.3f}"
+        bar.set_postfix(shown, refresh=False)
+        bar.update(1)
+        if on_step:
+            on_step(step, loss, lr)
+
+    def eval_shown(step, loss):
+        shown["held-out"] = f"{loss:.3f}"
+        if on_eval:
+            on_eval(step, loss)
+
+    return step_shown, eval_shown
+
+
 def run_sft(policy: HFPolicy, data: Sequence[Demo], cfg: SFTConfig, seed: int, steps: int,
             heldout: Sequence[Demo] = (), on_step=None, on_eval=None,
             until_target: bool = True) -> dict:
