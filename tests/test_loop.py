@@ -284,6 +284,15 @@ def test_summary_with_sft_control(tmp_path):
         run(tmp_path / "third", args + [f"sft.from_run={first}"])
 
 
+def test_sft_only_run_with_control(tmp_path):
+    """iterations=0: the cold start, then its control (one step: RL took no time) loaded
+    from the SFT start while the cold start's last gradients are still on the weights and
+    the optimizer was reset without a step (torch then found no state to load into)."""
+    summary = run(tmp_path, TINY + ["iterations=0", "sft.control=true"])
+    assert summary["sft_control_stats"]["steps"] == 1
+    assert sorted(int(lv) for lv in summary["sft_control"]) == LEVELS
+
+
 def test_summary_keys_when_nothing_is_correct(tmp_path):
     """An untrained model answers nothing correctly: every documented key is still written
     (lengths of correct responses null), and the collapse record is there."""

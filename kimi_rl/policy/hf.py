@@ -317,6 +317,10 @@ class HFPolicy:
 
         opts = StateDictOptions(full_state_dict=True)
         set_model_state_dict(self.trained, state["model"], options=opts)
+        # gradients left by the last step belong to the state being replaced; torch also
+        # takes them for a sign that a state-less optimizer has its state (and then finds
+        # no tensors to load into: an optimizer reset after a step, as after the cold start)
+        self.optimizer.zero_grad(set_to_none=True)
         optim = state["optimizer"]
         if all(isinstance(k, int) for k in optim.get("state", {})):  # by parameter index
             if self.world > 1:
