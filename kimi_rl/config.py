@@ -180,8 +180,15 @@ class RolloutConfig:
     # world / N ranks; 0: one replica per rank. Torch engine only for now
     replicas: int = 1
     # a buffered continuation stays on the replica that started it unless that makes the
-    # replica's expected load exceed (1 + margin) x the balanced load
-    replica_margin: float = 0.25
+    # replica's expected load exceed (1 + margin) x the balanced load. Its cache does not
+    # outlive the weight update, so staying saves no prefill: at 0.25, replicas loaded with
+    # continuations set the rollout time (bench/cluster_sim.py: 0.88 of linear scaling at
+    # 64 replicas, 0.92 at 0.1)
+    replica_margin: float = 0.1
+    # expected cost of a request (kimi_rl/rollout/assign.py expected_cost): the cached
+    # length whose KV reads cost a generated token as much as its other work (~2K for a
+    # 7B GQA model decoding on an H100; 0: count tokens only)
+    replica_context_scale: float = 2048.0
     # stop a response that ends in a loop: a block of p <= repeat_max_period tokens
     # repeated at least repeat_min_repeats times over at least repeat_min_tokens tokens
     # (SPEC.md section 2, report section 2.6.2; finish reason "repeat")
@@ -531,6 +538,9 @@ def check_config(cfg: TrainConfig) -> None:
             "of vLLM engines are its data-parallel ranks under torchrun)")
     require("rollout.replica_margin", ro.replica_margin,
             math.isfinite(ro.replica_margin) and ro.replica_margin >= 0, "a number >= 0")
+    require("rollout.replica_context_scale", ro.replica_context_scale,
+            math.isfinite(ro.replica_context_scale) and ro.replica_context_scale >= 0,
+            "a number >= 0 (0: expected costs count tokens only)")
     require("backend.autocast", cfg.backend.autocast, cfg.backend.autocast in AUTOCAST_DTYPES,
             f"one of {list(AUTOCAST_DTYPES)}")
     if cfg.backend.autocast is not None:

@@ -337,7 +337,7 @@ def build_replicas(cfg: TrainConfig) -> Replicas:
                          f"{world // count} ranks cannot hold whole vLLM engines of "
                          f"rollout.vllm.tensor_parallel_size={tp} ranks")
     return Replicas(count, distributed.rank(), world, cfg.rollout.replica_margin,
-                    distributed.all_gather)
+                    distributed.all_gather, cfg.rollout.replica_context_scale)
 
 
 def loss_masks(rollout: RolloutConfig, samples: list[Sample], it: int) -> list[list[bool]]:

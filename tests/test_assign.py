@@ -7,7 +7,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from kimi_rl.rollout.assign import GroupCost, LengthHistory, assign, contiguous, loads, lower_bound
+from kimi_rl.rollout.assign import (
+    GroupCost,
+    LengthHistory,
+    assign,
+    contiguous,
+    expected_cost,
+    loads,
+    lower_bound,
+)
 
 
 def test_longest_first_onto_least_loaded_by_hand():
@@ -76,6 +84,32 @@ def test_long_tailed_within_four_thirds_and_beats_contiguous(replicas):
         ours.append(max(loads(plan, groups)) / lb)
         naive.append(max(loads(contiguous(groups, replicas), groups)) / lb)
     assert np.mean(ours) < np.mean(naive)
+
+
+@pytest.mark.parametrize("context,new,scale", [(300, 0, 2048.0), (300, 1, 2048.0),
+                                               (20000, 12000, 2048.0), (7, 5, 3.0)])
+def test_expected_cost_is_prefill_plus_each_tokens_reads(context, new, scale):
+    """Token j of `new` reads context + j cached tokens: one unit of work per `scale` of
+    them, on top of its own unit; the context's prefill is one unit a token."""
+    by_token = context + sum(1 + (context + j) / scale for j in range(new))
+    assert expected_cost(context, new, scale) == pytest.approx(by_token)
+    assert expected_cost(context, new, 0.0) == context + new  # tokens only
+
+
+def test_costing_cache_reads_separates_long_generations():
+    """Two replicas, four groups of 10K tokens each: two generate 9.7K tokens after a 300-token
+    prompt, two continue 9K cached tokens by 1K. By tokens every group costs the same and
+    the tie-break puts both long generations on replica 0, whose decode steps then read the
+    longest caches; costed by reads they go to different replicas."""
+    shapes = [(300, 9_700), (9_000, 1_000), (300, 9_700), (9_000, 1_000)]
+    by_tokens = [GroupCost(i, expected_cost(c, n, 0.0)) for i, (c, n) in enumerate(shapes)]
+    by_reads = [GroupCost(i, expected_cost(c, n, 2048.0)) for i, (c, n) in enumerate(shapes)]
+    assert len({g.cost for g in by_tokens}) == 1
+    assert assign(by_tokens, 2) == [[0, 2], [1, 3]]
+    plan = assign(by_reads, 2)
+    assert sorted(map(sorted, plan)) == [[0, 1], [2, 3]]
+    # the work each plan leaves on its slowest replica, counted by reads
+    assert max(loads(plan, by_reads)) < 0.8 * max(loads([[0, 2], [1, 3]], by_reads))
 
 
 def test_bad_inputs_are_named():

@@ -9,17 +9,21 @@ no message decides it. The rule:
 - groups are placed longest first (by expected cost) onto the least-loaded replica (LPT:
   its largest load is within 4/3 of the optimum);
 - a group with buffered continuations stays on the replica that started it (its prefix is
-  that replica's work in progress, and a paged engine may still hold its cache), unless
-  that replica's load would then exceed (1 + margin) x the balanced load
+  that replica's work in progress; no engine keeps its cache across the weight update, so
+  staying saves no prefill today, and a small margin keeps it from costing balance),
+  unless that replica's load would then exceed (1 + margin) x the balanced load
   max(total / replicas, largest group): then it goes to the least-loaded replica too.
 
 Ties (equal cost, equal load) break by group key and replica index, so the plan does not
 depend on dictionary order or floating-point sums taken in another order.
 
-A group's expected cost is its context tokens (prompt plus tokens so far, per sample)
-plus its expected new tokens: the remaining budget for a continuation, and for a new
-group the mean response length of its problem so far, else of its level, else the
-budget (`LengthHistory`).
+A group's expected cost is the sum over its samples of `expected_cost`: the context's
+prefill (prompt plus tokens so far) plus the expected new tokens, each of which also
+reads the KV cache of everything before it; the expected new tokens are the remaining
+budget for a continuation, and for a new group the mean response length of its problem so
+far, else of its level, else the budget (`LengthHistory`). Counting tokens alone
+(`context_scale=0`) undercounts long continuations, whose decode steps read the longest
+caches: at 32K responses that left the replica holding them the slowest (bench/cluster_sim.py).
 """
 
 from __future__ import annotations
@@ -37,6 +41,16 @@ class GroupCost:
     key: int
     cost: float
     home: int | None = None
+
+
+def expected_cost(context: float, new: float, context_scale: float) -> float:
+    """One request's expected work in units of a generated token's non-attention work:
+    `context` tokens to prefill (one unit each) and `new` tokens to generate, the j-th
+    reading context + j cached tokens. `context_scale`: the cached length whose reads cost
+    one unit (the weights' per-token work over the KV cache's per-token reads; 0: none)."""
+    if context_scale <= 0:
+        return context + new
+    return context + new + (new * context + new * (new - 1) / 2.0) / context_scale
 
 
 def lower_bound(costs: Iterable[float], replicas: int) -> float:

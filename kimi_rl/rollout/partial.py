@@ -31,7 +31,7 @@ from transformers import PreTrainedTokenizerBase
 
 from ..data.problems import Problem
 from ..prompts import PromptFormat
-from .assign import LengthHistory
+from .assign import LengthHistory, expected_cost
 from .engine import Request, RolloutEngine, SamplingParams, sample_key
 from .replicas import Replicas, ReplicaStats, idle_fraction
 from .samples import Sample, encode_prompt
@@ -140,11 +140,12 @@ class PartialRollouts:
                   else min(self.budget, cap - len(s.tokens)) for s in todo]
         requests = [Request(s.prompt_ids, s.tokens, self._key(s, iteration)) for s in todo]
         window = self.refill and self.budget is not None
-        # expected cost: context tokens plus the tokens it may generate (a new one: the
+        # expected cost of the context and the tokens it may generate (a new one: the
         # mean length of its problem, else its level, so far, within its limit)
-        costs = [len(s.prompt_ids) + len(s.tokens)
-                 + (n if s.tokens else min(n, self.lengths.expected(
-                     s.problem.id, s.problem.level, n)))
+        costs = [expected_cost(len(s.prompt_ids) + len(s.tokens),
+                               n if s.tokens else min(n, self.lengths.expected(
+                                   s.problem.id, s.problem.level, n)),
+                               replicas.context_scale)
                  for s, n in zip(todo, limits, strict=True)]
         segments, where, stats.replicas = replicas.generate(
             engine, requests, limits, [s.group for s in todo],

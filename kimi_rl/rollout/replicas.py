@@ -70,8 +70,9 @@ class Replicas:
     count: int = 1
     rank: int = 0
     world: int = 1
-    margin: float = 0.25
+    margin: float = 0.1
     gather: Callable[[object], list] | None = None
+    context_scale: float = 2048.0  # assign.expected_cost
 
     def __post_init__(self) -> None:
         if self.count < 1 or self.world % self.count:
