@@ -60,6 +60,12 @@ class AlgoConfig:
     # gradient); with one optimizer step an iteration and reset_optimizer, every step is
     # one, and a warmup shortens the first ones
     lr_warmup_iterations: int = 0
+    # the learning rate falls linearly over the last N RL iterations (of `iterations`),
+    # to lr / N in the last one (0: off). With a fresh Adam every iteration each step moves
+    # every weight by about the learning rate, so at a constant rate the policy never
+    # settles: a choice near even (sampled accuracy 0.5-0.9) flips from one iteration to
+    # the next and the final model is whichever side the last steps left it on
+    lr_decay_iterations: int = 0
     # skip the forward and backward passes of samples whose advantage is 0 (every response
     # of their group equally rewarded), where that is exact: one optimizer step an
     # iteration whose reference logprobs are its own forward pass (ref_logprobs=trainer, no
@@ -558,6 +564,8 @@ def check_config(cfg: TrainConfig) -> None:
             "a number in [0, 1]")
     require("algo.lr_warmup_iterations", cfg.algo.lr_warmup_iterations,
             cfg.algo.lr_warmup_iterations >= 0, "an integer >= 0")
+    require("algo.lr_decay_iterations", cfg.algo.lr_decay_iterations,
+            cfg.algo.lr_decay_iterations >= 0, "an integer >= 0")
     if sft.target_loss is not None:
         require("sft.target_loss", sft.target_loss, sft.schedule == "wsd",
                 "null unless sft.schedule=wsd (only its stable phase can end early)")

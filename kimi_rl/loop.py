@@ -451,8 +451,8 @@ def optimize(cfg: TrainConfig, policy, algo, samples: list[Sample], masks: list[
             set_ref(lp, pb, [counted[j] for j in pb.seq_ids])
     if cfg.algo.reset_optimizer:
         policy.reset_optimizer()
-    if cfg.algo.lr_warmup_iterations:
-        metrics["train/lr"] = rl_lr(cfg.algo, it)
+    if cfg.algo.lr_warmup_iterations or cfg.algo.lr_decay_iterations:
+        metrics["train/lr"] = rl_lr(cfg.algo, it, cfg.iterations)
         policy.set_lr(metrics["train/lr"])
     steps, skipped = [], 0
     for _ in range(cfg.algo.epochs):
@@ -493,11 +493,14 @@ def optimize(cfg: TrainConfig, policy, algo, samples: list[Sample], masks: list[
     return metrics
 
 
-def rl_lr(algo, iteration: int) -> float:
+def rl_lr(algo, iteration: int, iterations: int) -> float:
     """algo.lr, rising linearly over the first algo.lr_warmup_iterations iterations (a
     fresh Adam's first steps move every weight by about the learning rate, whatever its
-    gradient: sign descent)."""
-    return algo.lr * min(1.0, (iteration + 1) / max(algo.lr_warmup_iterations, 1))
+    gradient: sign descent) and falling linearly over the last algo.lr_decay_iterations
+    of `iterations`, to lr / lr_decay_iterations in the last one (AlgoConfig)."""
+    warm = min(1.0, (iteration + 1) / max(algo.lr_warmup_iterations, 1))
+    decay = min(1.0, (iterations - iteration) / max(algo.lr_decay_iterations, 1))
+    return algo.lr * min(warm, decay)
 
 
 def rollout_metrics(samples: list[Sample], weight: float) -> dict[str, float]:

@@ -124,14 +124,21 @@ def test_run_sft_final_keeps_the_last_weights(tiny):
     assert heldout_loss(policy, held) == pytest.approx(evals[6], rel=1e-5)
 
 
-def test_rl_learning_rate_warmup():
+def test_rl_learning_rate_warmup_and_decay():
     from kimi_rl.config import AlgoConfig
     from kimi_rl.loop import rl_lr
 
     algo = AlgoConfig(lr=3e-4, lr_warmup_iterations=5)
-    assert [rl_lr(algo, i) for i in range(7)] == pytest.approx(
+    assert [rl_lr(algo, i, 7) for i in range(7)] == pytest.approx(
         [6e-5, 1.2e-4, 1.8e-4, 2.4e-4, 3e-4, 3e-4, 3e-4])
-    assert rl_lr(AlgoConfig(lr=1e-4, lr_warmup_iterations=0), 0) == pytest.approx(1e-4)
+    assert rl_lr(AlgoConfig(lr=1e-4), 0, 1) == pytest.approx(1e-4)
+    # constant, then down by lr/4 an iteration over the last 4 of 7, to lr/4 in the last
+    algo = AlgoConfig(lr=4e-4, lr_decay_iterations=4)
+    assert [rl_lr(algo, i, 7) for i in range(7)] == pytest.approx(
+        [4e-4, 4e-4, 4e-4, 4e-4, 3e-4, 2e-4, 1e-4])
+    # both: the smaller factor wins where they overlap
+    algo = AlgoConfig(lr=1.0, lr_warmup_iterations=2, lr_decay_iterations=2)
+    assert [rl_lr(algo, i, 3) for i in range(3)] == pytest.approx([0.5, 1.0, 0.5])
 
 
 def test_held_out_target_starts_the_decay_and_ends_the_run_early(tiny):
