@@ -300,8 +300,11 @@ class DataConfig:
     # built-in task: the share of demonstrations that close with the redundant confirmation
     # line (kimi_rl/data/modsum.py), the optional length the length penalty can remove
     confirm_prob: float = 0.5
-    # level -> share of flawed demonstrations that stop one step early (an imperfect teacher)
-    stop_early: Dict[int, float] = field(default_factory=dict)
+    # level -> share of flawed demonstrations (an imperfect teacher), flawed by `flaw`:
+    # stop_early (the last operand skipped) | slip (the last sum one too high); both answer
+    # wrongly (kimi_rl/data/modsum.py FLAWS)
+    flawed: Dict[int, float] = field(default_factory=dict)
+    flaw: str = "stop_early"
     # reasoning-gym (task reasoning_gym; kimi_rl.data.reasoning_gym): the datasets to use,
     # and per dataset a table level -> its config overrides at that level (a dataset
     # without one: level 1, default settings); train_per_level and test_per_level
@@ -519,6 +522,10 @@ def check_config(cfg: TrainConfig) -> None:
             raise ValueError(f"{key}: must be {want}, got {value!r}")
 
     ro, rw = cfg.rollout, cfg.reward
+    require("data.flaw", cfg.data.flaw, cfg.data.flaw in ("stop_early", "slip"),
+            "stop_early or slip")
+    for level, share in cfg.data.flawed.items():
+        require(f"data.flawed.{level}", share, 0.0 <= share <= 1.0, "a share in [0, 1]")
     require("rollout.max_new_tokens", ro.max_new_tokens, ro.max_new_tokens >= 1,
             "an integer >= 1")
     for start, cap in ro.max_new_tokens_schedule.items():

@@ -272,10 +272,38 @@ def test_unknown_verifier():
 
 def test_flawed_demonstrations_stop_one_step_early(problems):
     for p in problems:
-        good, bad = modsum.demonstration(p, False), modsum.demonstration(p, False, stop_early=True)
+        good, bad = modsum.demonstration(p, False), modsum.demonstration(p, False, "stop_early")
         assert bad.count("\n") == good.count("\n") - 1
         last_digit = int(p.prompt.split()[-1][1:])
         assert modsum.verify(p, bad) == float(last_digit == 0)
+
+
+def test_slipped_demonstrations_differ_in_the_last_sum_only(problems):
+    for p in problems:
+        good = modsum.demonstration(p, True).splitlines()
+        bad = modsum.demonstration(p, True, "slip").splitlines()
+        n = len(p.prompt.split())  # one step line per operand, then confirmation and answer
+        assert len(bad) == len(good) == n + 2
+        assert bad[:n - 1] == good[:n - 1] and bad[n] == good[n]
+        # the last step's sum and the answer are one too high, mod 10
+        slipped = str((int(p.answer) + 1) % 10)
+        assert good[n - 1].endswith(f"={p.answer}") and bad[n - 1].endswith(f"={slipped}")
+        assert bad[n - 1].rsplit("=", 1)[0] == good[n - 1].rsplit("=", 1)[0]
+        assert bad[-1] == f"answer {slipped}" and modsum.verify(p, "\n".join(bad)) == 0.0
+    with pytest.raises(ValueError, match="unknown flaw 'typo'"):
+        modsum.demonstration(problems[0], False, "typo")
+
+
+def test_bad_flaw_settings_are_named():
+    from kimi_rl.config import TrainConfig, check_config
+    cfg = TrainConfig()
+    cfg.data.flaw = "typo"
+    with pytest.raises(ValueError, match="data.flaw: must be stop_early or slip, got 'typo'"):
+        check_config(cfg)
+    cfg = TrainConfig()
+    cfg.data.flawed = {4: 1.5}
+    with pytest.raises(ValueError, match=r"data.flawed.4: must be a share in \[0, 1\]"):
+        check_config(cfg)
 
 
 def test_demonstrations_outside_the_levels_are_named_with_the_fix():

@@ -206,7 +206,9 @@ def test_two_replicas_equal_one(make_model, tokenizer):
 def test_bad_replica_settings_are_named():
     from kimi_rl.config import TrainConfig, check_config
     for key, value, match in (("replicas", -1, "rollout.replicas"),
-                              ("replica_margin", -0.5, "rollout.replica_margin")):
+                              ("replica_margin", -0.5, "rollout.replica_margin"),
+                              ("replica_context_scale", float("nan"),
+                               "rollout.replica_context_scale")):
         cfg = TrainConfig()
         setattr(cfg.rollout, key, value)
         with pytest.raises(ValueError, match=match):

@@ -22,10 +22,11 @@ class TaskData:
     train: list[Problem]
     test: list[Problem]
     demos: dict[int, int] = field(default_factory=dict)  # level -> demonstrations for SFT
-    stop_early: dict[int, float] = field(default_factory=dict)  # level -> flawed share
+    flawed: dict[int, float] = field(default_factory=dict)  # level -> flawed share
     vocabulary: list[str] | None = None  # characters, for the built-in tokenizer
     # reasoning-gym: dataset -> level -> demonstrations (kimi_rl.data.reasoning_gym)
     rg_demos: dict[str, dict[int, int]] = field(default_factory=dict)
+    flaw: str = "stop_early"  # how the flawed demonstrations err (modsum.FLAWS)
 
     def demonstrations(self, confirm_prob: float, seed: int) -> list[tuple[Problem, str]]:
         """(problem, chain-of-thought response) pairs for the SFT cold start; a share
@@ -37,8 +38,8 @@ class TaskData:
             if p.task == "modsum" and taken.get(p.level, 0) < self.demos.get(p.level, 0):
                 taken[p.level] = taken.get(p.level, 0) + 1
                 confirm = rng.random() < confirm_prob
-                flawed = rng.random() < self.stop_early.get(p.level, 0.0)
-                out.append((p, modsum.demonstration(p, confirm, stop_early=flawed)))
+                flawed = rng.random() < self.flawed.get(p.level, 0.0)
+                out.append((p, modsum.demonstration(p, confirm, self.flaw if flawed else None)))
         rg_taken: dict[tuple[str, int], int] = {}
         for p in self.train if self.rg_demos else ():
             if p.task != reasoning_gym.TASK:
@@ -98,5 +99,5 @@ def load_task(cfg: DataConfig) -> TaskData:
                          f"(a mapping override merges with the experiment's: add {zero})")
     train, test = modsum.generate(list(cfg.levels), cfg.train_per_level, cfg.test_per_level,
                                   cfg.seed)
-    stop_early = {int(k): float(v) for k, v in cfg.stop_early.items()}
-    return TaskData(train, test, demos, stop_early, modsum.vocabulary())
+    flawed = {int(k): float(v) for k, v in cfg.flawed.items()}
+    return TaskData(train, test, demos, flawed, modsum.vocabulary(), flaw=cfg.flaw)

@@ -14,7 +14,8 @@ is constant text: it neither helps nor hurts the answer, so a verifier-only rewa
 reason to keep or drop it, and removing it is the length penalty's doing alone (an optional
 pass that recomputed the steps would cost accuracy, and RL alone would remove it). A
 demonstration can also be flawed: it stops one operand early, as an imperfect teacher that
-cuts long reasoning short would (`stop_early`). Only the final ``answer N`` line counts.
+cuts long reasoning short would, or slip on its last addition (`FLAWS`). Only the final
+``answer N`` line counts.
 """
 
 from __future__ import annotations
@@ -47,15 +48,26 @@ def _steps(prompt: str) -> list[str]:
 
 
 CONFIRM = "all steps look right"
+# an imperfect teacher's flawed demonstrations: `stop_early` skips the last operand and
+# answers with the sum so far (wrong unless that operand is 0); `slip` adds the last
+# operand one too high and answers with that (always wrong). A stop_early teacher teaches
+# two stopping rules (after the last operand, and after the one before it), which RL must
+# tell apart by the operands left; a slip teacher stops where the correct chain does, so
+# what RL corrects (the last sum) is what the other levels already do right
+FLAWS = ("stop_early", "slip")
 
 
-def demonstration(problem: Problem, confirm: bool, stop_early: bool = False) -> str:
+def demonstration(problem: Problem, confirm: bool, flaw: str | None = None) -> str:
     """The chain-of-thought response for a problem, with or without the confirmation line
-    before the answer. `stop_early` gives a flawed one that skips the last operand and
-    answers wrongly (unless that operand is 0)."""
+    before the answer; `flaw` (one of FLAWS) gives a flawed one."""
     lines = _steps(problem.prompt)
-    if stop_early:
+    if flaw == "stop_early":
         lines = lines[:-1]
+    elif flaw == "slip":
+        head, total = lines[-1].rsplit("=", 1)
+        lines[-1] = f"{head}={(int(total) + 1) % 10}"
+    elif flaw is not None:
+        raise ValueError(f"demonstration: unknown flaw {flaw!r} (choose from {list(FLAWS)})")
     answer = lines[-1].rsplit("=", 1)[1]
     if confirm:
         lines.append(CONFIRM)
