@@ -147,7 +147,8 @@ def test_experiment_none_is_the_schema_defaults():
     # `experiment=null` on the command line: no experiment file at all, the same config
     assert OmegaConf.to_container(dropped) == {**OmegaConf.to_container(cfg), "seed": 3}
     assert group_deletions(["seed=null", "model.path=null"]) == ["seed=null", "model.path=null"]
-    assert demo.iterations == 60 and cfg.iterations == TrainConfig().iterations
+    assert demo.iterations == 40 and cfg.iterations == TrainConfig().iterations
+    assert demo.data.flaw == "slip" and cfg.data.flaw == TrainConfig().data.flaw
 
 
 def test_template_errors_name_the_problem():
