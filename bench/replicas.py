@@ -61,7 +61,7 @@ def worker(args: argparse.Namespace) -> None:
     k = 8
     rollouts = PartialRollouts(group_size=k, slots=args.problems * k, seed=0,
                                budget=args.budget or None, refill=False)
-    replicas = Replicas(args.replicas, rank, world, 0.25, distributed.all_gather)
+    replicas = Replicas(args.replicas, rank, world, gather=distributed.all_gather)
     params = SamplingParams(temperature=1.0)
     times, digest, tokens = [], hashlib.sha256(), 0
     used = 0
