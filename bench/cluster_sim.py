@@ -93,6 +93,7 @@ from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 
+from kimi_rl.config import RolloutConfig
 from kimi_rl.rollout.assign import GroupCost, assign, expected_cost
 
 UNFINISHED, FINISHED, DROPPED = 1, 2, 3
@@ -102,10 +103,9 @@ UNFINISHED, FINISHED, DROPPED = 1, 2, 3
 # naive split) or "balanced" (kimi_rl/rollout/assign.py: whole groups, longest expected
 # cost first onto the least-loaded replica, continuations sticky within REPLICA_MARGIN)
 PLACEMENTS = ("sorted", "contiguous", "balanced")
-REPLICA_MARGIN = 0.1  # as rollout.replica_margin's default
-# as rollout.replica_context_scale's default (this cost model's own ratio, step_per_seq /
-# step_per_ctx_token, is 2174)
-REPLICA_CONTEXT_SCALE = 2048.0
+REPLICA_MARGIN = RolloutConfig.replica_margin
+# (this cost model's own ratio, step_per_seq / step_per_ctx_token, is 2174)
+REPLICA_CONTEXT_SCALE = RolloutConfig.replica_context_scale
 REFILL_FRACTION = 0.125  # as kimi_rl/rollout/torch_engine.py: free rows that trigger a refill
 BUDGET, BUDGET_NO_REFILL = 12288, 4096  # measured, see the module docstring
 

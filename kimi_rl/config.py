@@ -521,9 +521,10 @@ def check_config(cfg: TrainConfig) -> None:
         if not ok:
             raise ValueError(f"{key}: must be {want}, got {value!r}")
 
+    from .data.modsum import FLAWS  # not at the top: kimi_rl.data imports this module
+
     ro, rw = cfg.rollout, cfg.reward
-    require("data.flaw", cfg.data.flaw, cfg.data.flaw in ("stop_early", "slip"),
-            "stop_early or slip")
+    require("data.flaw", cfg.data.flaw, cfg.data.flaw in FLAWS, " or ".join(FLAWS))
     for level, share in cfg.data.flawed.items():
         require(f"data.flawed.{level}", share, 0.0 <= share <= 1.0, "a share in [0, 1]")
     require("rollout.max_new_tokens", ro.max_new_tokens, ro.max_new_tokens >= 1,

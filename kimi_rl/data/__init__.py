@@ -23,10 +23,10 @@ class TaskData:
     test: list[Problem]
     demos: dict[int, int] = field(default_factory=dict)  # level -> demonstrations for SFT
     flawed: dict[int, float] = field(default_factory=dict)  # level -> flawed share
+    flaw: str = "stop_early"  # how the flawed demonstrations err (modsum.FLAWS)
     vocabulary: list[str] | None = None  # characters, for the built-in tokenizer
     # reasoning-gym: dataset -> level -> demonstrations (kimi_rl.data.reasoning_gym)
     rg_demos: dict[str, dict[int, int]] = field(default_factory=dict)
-    flaw: str = "stop_early"  # how the flawed demonstrations err (modsum.FLAWS)
 
     def demonstrations(self, confirm_prob: float, seed: int) -> list[tuple[Problem, str]]:
         """(problem, chain-of-thought response) pairs for the SFT cold start; a share
@@ -99,5 +99,6 @@ def load_task(cfg: DataConfig) -> TaskData:
                          f"(a mapping override merges with the experiment's: add {zero})")
     train, test = modsum.generate(list(cfg.levels), cfg.train_per_level, cfg.test_per_level,
                                   cfg.seed)
-    flawed = {int(k): float(v) for k, v in cfg.flawed.items()}
-    return TaskData(train, test, demos, flawed, modsum.vocabulary(), flaw=cfg.flaw)
+    return TaskData(train, test, demos=demos,
+                    flawed={int(k): float(v) for k, v in cfg.flawed.items()}, flaw=cfg.flaw,
+                    vocabulary=modsum.vocabulary())

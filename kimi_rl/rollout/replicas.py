@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+from ..config import RolloutConfig
 from .assign import GroupCost, assign
 from .engine import Request, RolloutEngine, SamplingParams, Segment
 
@@ -70,9 +71,9 @@ class Replicas:
     count: int = 1
     rank: int = 0
     world: int = 1
-    margin: float = 0.1
+    margin: float = RolloutConfig.replica_margin
     gather: Callable[[object], list] | None = None
-    context_scale: float = 2048.0  # assign.expected_cost
+    context_scale: float = RolloutConfig.replica_context_scale  # assign.expected_cost
 
     def __post_init__(self) -> None:
         if self.count < 1 or self.world % self.count:
