@@ -273,12 +273,17 @@ def scalars(run: Path) -> dict[str, dict[int, float]]:
     return {t: {e.step: e.value for e in acc.Scalars(t)} for t in acc.Tags()["scalars"]}
 
 
+# wrong answers of different lengths rewarded differently from the start: a gradient at
+# the first iteration, where this barely trained model answers nothing right
+GRADIENT = ["reward.length_penalty_weight=0.5", "reward.length_penalty_warmup=0"]
+
+
 @pytest.fixture(scope="module")
 def tp2_run(tmp) -> Path:
     run = tmp / "run_tp2"
     torchrun_args = readme_command("backend.tensor_parallel=2")
     # two rollout replicas (one per rank) beside the trainer's TP=2
-    out = launch(torchrun_args + TINY + [f"run_dir={run}", "sft.control=false",
+    out = launch(torchrun_args + TINY + GRADIENT + [f"run_dir={run}", "sft.control=false",
                                          "rollout.replicas=0"])
     (run.parent / "run_tp2.stdout").write_text(out)
     return run
@@ -300,8 +305,8 @@ def test_loop_tensor_parallel(tp2_run, tmp):
     assert sum(line.startswith("{") and '"wall_seconds"' in line
                for line in out.splitlines()) == 1, out
     hf_run = tmp / "run_hf"
-    launch([sys.executable, "-m", "kimi_rl.cli", "train", *TINY, f"run_dir={hf_run}",
-            "sft.control=false", "iterations=1"])
+    launch([sys.executable, "-m", "kimi_rl.cli", "train", *TINY, *GRADIENT,
+            f"run_dir={hf_run}", "sft.control=false", "iterations=1"])
     mega, ref = scalars(tp2_run), scalars(hf_run)
     assert mega["reward/mean"][0] == ref["reward/mean"][0]
     # two rollout replicas generated disjoint shares that make the whole batch (every rank
@@ -315,6 +320,7 @@ def test_loop_tensor_parallel(tp2_run, tmp):
         assert sum(tokens) == mega["rollout/generated_tokens"][it]
     for tag in ("rollout/generated_tokens", "response_length/mean", "accuracy/train"):
         assert mega[tag][0] == ref[tag][0], tag
+    assert mega["train/grad_norm"][0] > 0
     for tag in ("loss/policy", "train/entropy", "train/grad_norm"):
         assert abs(mega[tag][0] - ref[tag][0]) <= 1e-4 * abs(ref[tag][0]) + 1e-7, tag
 
@@ -347,11 +353,10 @@ def test_loop_pipeline_parallel(tmp):
         "iter_000002.policy", "iter_000002.pt", "iter_000003.policy", "iter_000003.pt"]
 
 
-# partial rollouts on, wrong answers of different lengths rewarded differently from the
-# start (a gradient at every iteration), micro-batches small enough for both ranks to get some
+# partial rollouts on, a gradient at every iteration, micro-batches small enough for both
+# ranks to get some
 PARTIAL = ["rollout.partial.enabled=true", "rollout.partial.budget=16",
-           "backend.micro_batch_tokens=256", "reward.length_penalty_weight=0.5",
-           "reward.length_penalty_warmup=0", "sft.control=false"]
+           "backend.micro_batch_tokens=256", *GRADIENT, "sft.control=false"]
 
 
 @pytest.fixture(scope="module")
@@ -367,20 +372,18 @@ def test_loop_data_parallel(dp2_run, tmp):
     """The README's data-parallel command (TP=1, DP=2, one rollout replica per rank) with
     partial rollouts: each rank generates its replica's share, every rank ends each
     iteration with the same batch (the run checks it), and the batches and the first
-    trained iteration are a one-process megatron run's (same tokens; training figures
-    within float rounding: the distributed optimizer sums the ranks' gradients).
-
-    The reference is megatron, not hf: this barely trained model samples `<pad>`, and HF's
-    embedding (padding_idx) gives the pad row no gradient from its lookups where
-    Megatron's does: the two backends' gradients then differ in that row, and only there."""
+    trained iteration are a one-process hf run's (same tokens; training figures within
+    float rounding: the distributed optimizer sums the ranks' gradients). This barely
+    trained model samples `<pad>`, so the gradient includes the pad row's, which HF's
+    padding_idx rule decides (kimi_rl/policy/megatron.py reproduces it)."""
     assert (dp2_run / "checkpoints" / "latest").read_text() == "iter_000003.pt"
     assert (dp2_run / "checkpoints" / "iter_000003.policy" / "metadata.json").is_file()
     assert json.loads((dp2_run / "summary.json").read_text())["iterations"] == 3
     out = (tmp / "run_dp2.stdout").read_text()
     assert sum(ln.startswith("{") and '"wall_seconds"' in ln for ln in out.splitlines()) == 1
-    one = tmp / "run_one_partial"
+    one = tmp / "run_hf_partial"
     launch([sys.executable, "-m", "kimi_rl.cli", "train", *TINY, *PARTIAL, f"run_dir={one}",
-            "iterations=2", "backend=megatron"])
+            "iterations=2"])
     dp, ref = scalars(dp2_run), scalars(one)
     assert ref["rollout/replicas"][0] == 1 and dp["rollout/replicas"][0] == 2
     for it in range(3):

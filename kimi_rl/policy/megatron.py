@@ -243,6 +243,9 @@ class MegatronPolicy:
             recompute_granularity="full" if backend.gradient_checkpointing else None,
             recompute_method="uniform" if backend.gradient_checkpointing else None,
             recompute_num_layers=1 if backend.gradient_checkpointing else None)
+        # an HF embedding's padding_idx row gets no gradient from its lookups; Megatron's
+        # embedding has no such row, so _stage_forward reproduces it (same gradients as HF)
+        self.padding_idx = getattr(hf_model.get_input_embeddings(), "padding_idx", None)
         self._build(hf_model.state_dict())
 
     # -- construction ------------------------------------------------------------------
@@ -308,8 +311,11 @@ class MegatronPolicy:
         from megatron.core import tensor_parallel
 
         gpt = self.gpt
-        decoder_input = gpt.embedding(input_ids=mb.input_ids, position_ids=None) \
-            if self.first else None
+        decoder_input = None
+        if self.first:
+            decoder_input = gpt.embedding(input_ids=mb.input_ids, position_ids=None)
+            if self.padding_idx is not None:
+                decoder_input = self._no_grad_at_padding(decoder_input, mb.input_ids)
         rope = rope_freqs(mb.position_ids, self.shape.head_dim, self.shape.rope_theta)
         hidden = gpt.decoder(hidden_states=decoder_input, attention_mask=mb.segments,
                              rotary_pos_emb=rope.to(self.device))
@@ -329,6 +335,18 @@ class MegatronPolicy:
             temperature=mb.temperature, group=ps.get_tensor_model_parallel_group())
         mb.entropy = ent.detach()
         return lp
+
+    def _no_grad_at_padding(self, embedded: Tensor, input_ids: Tensor) -> Tensor:
+        """`embedded` ([s, b, h], or this rank's chunk of s under sequence parallel) with
+        the lookups of `padding_idx` detached: the same values, and as in HF that row's
+        gradient comes from the output layer alone (where tied)."""
+        pad = (input_ids == self.padding_idx).t().contiguous()
+        if embedded.shape[0] != pad.shape[0]:  # sequence parallel: this TP rank's chunk
+            n = embedded.shape[0]
+            pad = pad[self.tp_rank * n:(self.tp_rank + 1) * n]
+        if not bool(pad.any()):
+            return embedded
+        return torch.where(pad.unsqueeze(-1).to(embedded.device), embedded.detach(), embedded)
 
     def _micro_batches(self, batches: list[PackedBatch], temperature: float
                        ) -> list[tuple[int, _Micro]]:

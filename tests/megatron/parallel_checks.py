@@ -11,7 +11,8 @@ largest relative differences; tests/test_megatron.py asserts on it.
 
 Checks, each on a tied Llama (GQA) and an untied Qwen2 (q/k/v bias):
 - logprobs and entropies of packed batches (sequences of several lengths, 2 rows);
-- gradients of a loss over several micro-batches of different shapes (accumulated);
+- gradients of a loss over several micro-batches of different shapes (accumulated), with
+  pad tokens among the inputs;
 - one optimizer step (Adam), then the exported weights;
 - the export before training reproduces the HF weights exactly;
 - with --tp > 1 also sequence parallel;
@@ -56,6 +57,9 @@ def batches(vocab: int, seed: int, max_tokens: int) -> list:
     lens = [(3, 7), (5, 2), (4, 9), (6, 5), (2, 13), (7, 3), (2, 2)]
     prompts = [torch.randint(1, vocab, (p,), generator=g).tolist() for p, _ in lens]
     resps = [torch.randint(1, vocab, (r,), generator=g).tolist() for _, r in lens]
+    # a sampled pad token (id 0, the HF embedding's padding_idx): the input of the next
+    # position, whose lookup gives that row no gradient in HF
+    resps[2][3] = resps[4][1] = 0
     return (pack(prompts[:4], resps[:4], max_tokens)
             + pack(prompts[4:], resps[4:], 2 * max_tokens))
 
