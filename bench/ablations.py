@@ -3,7 +3,7 @@ and spread over seeds of held-out accuracy per level at the end of RL, iteration
 a held-out accuracy threshold (90%) on the hardest trained level, mean correct-response
 length and tokens generated; a missing or failed run is named, never dropped.
 
-    python bench/ablations.py SWEEP_DIR [--threshold 0.9] [--out DIR]
+    python bench/ablations.py SWEEP_DIR [SWEEP_DIR ...] [--threshold 0.9] [--out DIR]
 
 SWEEP_DIR is the multirun directory (hydra.sweep.dir): Hydra's multirun.yaml (the sweep as
 given on the command line) and one directory per job (.hydra/overrides.yaml, and the run's
@@ -11,7 +11,10 @@ summary.json once it has finished). The intended jobs are the sweep's cartesian 
 as Hydra's basic sweeper expands it; a job directory matches the job whose overrides it
 has (a job resumed with its overrides and resume=<its directory> still matches); a job
 without a directory is `missing`, a directory without summary.json (crashed, stopped,
-still running) `failed`. A configuration is a job's
+still running) `failed`. Several SWEEP_DIRs are one sweep launched in parts (for example
+one multirun per seed, side by side on the cores of one machine): their jobs are reported
+together, and a job (the same overrides) found in two of them is an error. A configuration
+is a job's
 overrides without `seed`, less those shared by every job (one varying key: its value alone,
 e.g. `grpo` for `ablation=grpo`).
 
@@ -333,10 +336,34 @@ def plot(rows: list[dict], threshold: float, path: Path) -> None:
     plt.close(fig)
 
 
-def report(sweep_dir: Path, threshold: float = THRESHOLD, out: Path | None = None) -> dict:
-    """Read the sweep, write the table and plot into `out` (default: the sweep directory)
-    and return the report (the final JSON line)."""
-    runs, note = read_sweep(sweep_dir)
+def read_sweeps(sweep_dirs: list[Path]) -> tuple[list[Run], str | None]:
+    """The jobs of one sweep launched in parts (read_sweep of each directory), in the order
+    given; a job whose overrides are in two parts is an error (its seed would count twice)."""
+    runs: list[Run] = []
+    notes: list[str] = []
+    where: dict[tuple[str, ...], Path] = {}
+    for d in sweep_dirs:
+        part, note = read_sweep(d)
+        for r in part:
+            key = tuple(sorted(o for o in r.overrides if override_key(o) != "resume"))
+            if key in where and where[key] != d:
+                raise ValueError(f"the job {' '.join(r.overrides)} is in two sweep "
+                                 f"directories: {where[key]} and {d}")
+            where[key] = d
+        runs += part
+        if note:
+            notes.append(note)
+    return runs, "; ".join(notes) or None
+
+
+def report(sweep_dir: Path | list[Path], threshold: float = THRESHOLD,
+           out: Path | None = None) -> dict:
+    """Read the sweep (one directory, or the parts of one sweep), write the table and plot
+    into `out` (default: the first sweep directory) and return the report (the final JSON
+    line)."""
+    dirs = [sweep_dir] if isinstance(sweep_dir, Path) else list(sweep_dir)
+    runs, note = read_sweeps(dirs)
+    sweep_dir = dirs[0]
     out = out or sweep_dir
     out.mkdir(parents=True, exist_ok=True)
     rows = [aggregate(c, threshold) for c in configurations(runs)]
@@ -345,7 +372,8 @@ def report(sweep_dir: Path, threshold: float = THRESHOLD, out: Path | None = Non
     text = table(rows, failed, missing, threshold, note)
     (out / "ablations.md").write_text(text)
     plot(rows, threshold, out / "ablations.png")
-    return {"sweep_dir": str(sweep_dir), "threshold": threshold, "configurations": rows,
+    return {"sweep_dir": str(sweep_dir), "sweep_dirs": [str(d) for d in dirs],
+            "threshold": threshold, "configurations": rows,
             "failed": [{"dir": str(r.dir), "seed": r.seed, "overrides": r.overrides,
                         "problem": r.problem} for r in failed],
             "missing": [{"overrides": r.overrides, "seed": r.seed} for r in missing],
@@ -355,7 +383,8 @@ def report(sweep_dir: Path, threshold: float = THRESHOLD, out: Path | None = Non
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("sweep_dir", type=Path, help="the sweep's multirun directory")
+    ap.add_argument("sweep_dir", type=Path, nargs="+",
+                    help="the sweep's multirun directory (or the directories of its parts)")
     ap.add_argument("--threshold", type=float, default=THRESHOLD,
                     help="held-out accuracy on the hardest trained level (default 0.9)")
     ap.add_argument("--out", type=Path, help="where ablations.md/.png go (default: sweep_dir)")
@@ -364,7 +393,7 @@ def main(argv: list[str] | None = None) -> None:
         ap.error(f"--threshold: must be in (0, 1], got {args.threshold}")
     try:
         result = report(args.sweep_dir, args.threshold, args.out)
-    except FileNotFoundError as e:
+    except (FileNotFoundError, ValueError) as e:
         print(f"ablations: error: {e}", file=sys.stderr)
         sys.exit(2)
     print(result.pop("text"))
