@@ -7,10 +7,13 @@ built-in torch engine on the demo's tiny random-init Llama, the built-in task: t
 iterations with rollout.replicas=1 (every rank generates every request) and with 2 (each
 rank its share, then one all-gather). The same problems, weights and keys, so both draw
 the same samples (`same_samples`: digests of every finished response compared). The
+iteration is the demo's: 32 problems x 8 samples (at 8 problems a replica's decode batch is
+32 rows, where a step's fixed cost, not its rows, sets the time: see bench/RESULTS.md). The
 policy is not trained (its backend is not what is measured), so the weights stay those of
 the random init.
 
     rollout_time_ratio_2_replicas = mean rollout seconds per iteration, 2 replicas / 1
+                                    (the median over --repeats pairs run one after another)
 
 Simulated part: `cluster_sim.replica_scaling` with the default 64 x 32-slot workload and
 its 32K long-tailed lengths, partial rollouts with refill (its default budget), without
@@ -115,22 +118,34 @@ def main() -> None:
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--replicas", type=int, default=1, help=argparse.SUPPRESS)
     p.add_argument("--iterations", type=int, default=6)
-    p.add_argument("--problems", type=int, default=8, help="problems per iteration (k = 8)")
+    p.add_argument("--problems", type=int, default=32,
+                   help="problems per iteration, k = 8 samples each (default: the demo's 32)")
     p.add_argument("--cap", type=int, default=160, help="max response length")
     p.add_argument("--budget", type=int, default=0, help="partial rollouts (0: off)")
-    p.add_argument("--quick", action="store_true", help="3 iterations, no simulation")
+    p.add_argument("--repeats", type=int, default=3,
+                   help="pairs (1 replica, then 2) measured; the ratio is their median")
+    p.add_argument("--quick", action="store_true",
+                   help="3 iterations, one pair, no simulation")
     args = p.parse_args()
     if args.worker:
         worker(args)
         return
     if args.quick:
-        args.iterations = 3
-    one, two = measure(1, args), measure(2, args)
-    out = {"rollout_time_ratio_2_replicas": two["rollout_seconds"] / one["rollout_seconds"],
-           "rollout_seconds": {"1": one["rollout_seconds"], "2": two["rollout_seconds"]},
-           "same_samples": one["samples_digest"] == two["samples_digest"],
-           "iterations": args.iterations, "problems_per_iteration": args.problems,
-           "cap": args.cap, "budget": args.budget}
+        args.iterations, args.repeats = 3, 1
+    if args.repeats < 1:
+        p.error(f"--repeats: at least 1, got {args.repeats}")
+    # pairs measured one after the other, the median of their ratios: this machine's speed
+    # drifts by tens of percent within minutes, more than between the two halves of a pair
+    pairs = [(measure(1, args), measure(2, args)) for _ in range(args.repeats)]
+    ratios = sorted(two["rollout_seconds"] / one["rollout_seconds"] for one, two in pairs)
+    out = {"rollout_time_ratio_2_replicas": ratios[len(ratios) // 2],
+           "ratios": ratios,
+           "rollout_seconds": [{"1": one["rollout_seconds"], "2": two["rollout_seconds"]}
+                               for one, two in pairs],
+           "same_samples": all(one["samples_digest"] == two["samples_digest"]
+                               for one, two in pairs),
+           "iterations": args.iterations, "repeats": args.repeats,
+           "problems_per_iteration": args.problems, "cap": args.cap, "budget": args.budget}
     if not args.quick:
         sims = simulate()
         out["simulated_scaling_64"] = sims["partial_refill"]
