@@ -344,8 +344,6 @@ class MegatronPolicy:
         if embedded.shape[0] != pad.shape[0]:  # sequence parallel: this TP rank's chunk
             n = embedded.shape[0]
             pad = pad[self.tp_rank * n:(self.tp_rank + 1) * n]
-        if not bool(pad.any()):
-            return embedded
         return torch.where(pad.unsqueeze(-1).to(embedded.device), embedded.detach(), embedded)
 
     def _micro_batches(self, batches: list[PackedBatch], temperature: float
