@@ -15,8 +15,9 @@ still running) `failed`. Several SWEEP_DIRs are one sweep launched in parts (for
 one multirun per seed, side by side on the cores of one machine): their jobs are reported
 together, and a job (the same overrides) found in two of them is an error. A configuration
 is a job's
-overrides without `seed`, less those shared by every job (one varying key: its value alone,
-e.g. `grpo` for `ablation=grpo`).
+overrides without `seed`, less those shared by every job and those that follow the seed
+(one value per seed, different between seeds: e.g. each seed's shared cold start,
+`sft.from_run=...`); one varying key: its value alone, e.g. `grpo` for `ablation=grpo`.
 
 From each run's summary.json:
 - accuracy at the end: `eval_after` (greedy held-out accuracy per level after RL);
@@ -177,6 +178,21 @@ def read_job(d: Path) -> Run:
     return run
 
 
+def _value(overrides: list[str], key: str) -> str | None:
+    return next((o for o in overrides if override_key(o) == key), None)
+
+
+def _follows_seed(runs: list[Run], key: str) -> bool:
+    """Whether `key` takes one value per seed and differs between seeds (for example each
+    seed's shared cold start, sft.from_run=.../seed<N>): part of the seed, not of the
+    configuration."""
+    by_seed: dict[int | None, set[str | None]] = {}
+    for r in runs:
+        by_seed.setdefault(r.seed, set()).add(_value(r.overrides, key))
+    return (all(len(v) == 1 for v in by_seed.values())
+            and len({next(iter(v)) for v in by_seed.values()}) > 1)
+
+
 def configurations(runs: list[Run]) -> list[Configuration]:
     """Runs grouped by their overrides without seed, named by what varies between them;
     in order of first appearance (job order). Runs without overrides are left out."""
@@ -185,7 +201,8 @@ def configurations(runs: list[Run]) -> list[Configuration]:
     for r in known:
         for o in r.overrides:
             keys.setdefault(override_key(o), set()).add(o)
-    varying = {k for k, values in keys.items() if k != "seed" and (
+    per_seed = {k for k in keys if k != "seed" and _follows_seed(known, k)}
+    varying = {k for k, values in keys.items() if k != "seed" and k not in per_seed and (
         len(values) > 1 or any(not any(override_key(o) == k for o in r.overrides)
                                for r in known))}
     out: dict[tuple, Configuration] = {}
@@ -196,7 +213,8 @@ def configurations(runs: list[Run]) -> list[Configuration]:
             name = (own[0].split("=", 1)[1] if len(own) == 1 and len(varying) == 1
                     else " ".join(own) or "default")
             out[key] = Configuration(name, [o for o in r.overrides
-                                            if override_key(o) != "seed"])
+                                            if override_key(o) != "seed"
+                                            and override_key(o) not in per_seed])
         out[key].runs.append(r)
     for c in out.values():
         c.runs.sort(key=lambda r: (r.seed is None, r.seed or 0))

@@ -141,18 +141,22 @@ def test_report_reads_jobs_without_multirun_yaml(sweep):
 
 
 def test_report_of_a_sweep_launched_in_parts(sweep, tmp_path, capsys):
-    """The fixture's sweep as two multiruns, one per seed: the same report as one sweep's;
-    a job found in both parts is an error, named."""
+    """The fixture's sweep as two multiruns, one per seed, each from its seed's shared cold
+    start (sft.from_run, a key that follows the seed): the same configurations as one
+    sweep's; a job found in both parts is an error, named."""
     parts = []
     for seed in (0, 1):
         d = tmp_path / f"part{seed}"
         d.mkdir()
+        start = f"sft.from_run=/starts/seed{seed}"
         OmegaConf.save(OmegaConf.create({"hydra": {"overrides": {"task": [
-            "experiment=ablation", "ablation=default,grpo", f"seed={seed}"]}}}),
+            "experiment=ablation", "ablation=default,grpo", f"seed={seed}", start]}}}),
             d / "multirun.yaml")
         for job in sweep.iterdir():
             if job.is_dir() and job.name.endswith(f"seed{seed}"):
                 job.rename(d / job.name)
+                own = d / job.name / ".hydra" / "overrides.yaml"
+                OmegaConf.save(OmegaConf.create(list(OmegaConf.load(own)) + [start]), own)
         parts.append(d)
     ab.main([str(p) for p in parts])
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
@@ -161,14 +165,17 @@ def test_report_of_a_sweep_launched_in_parts(sweep, tmp_path, capsys):
     assert (rows["default"]["finished"], rows["default"]["seeds"]) == (2, [0, 1])
     assert rows["default"]["iterations_to_threshold"]["values"] == [8, None]
     assert [Path(f["dir"]).name for f in result["failed"]] == ["2-grpo-seed0"]
-    assert [m["overrides"][-1] for m in result["missing"]] == ["seed=1"]
+    assert rows["default"]["overrides"] == ["experiment=ablation", "ablation=default"]
+    assert [m["overrides"][2:] for m in result["missing"]] == [
+        ["seed=1", "sft.from_run=/starts/seed1"]]
     assert result["sweep_dirs"] == [str(p) for p in parts]
     assert (parts[0] / "ablations.md").is_file()  # the first part holds the report
     # the same job in two parts would count its seed twice
     shutil.copytree(parts[0] / "0-default-seed0", parts[1] / "9-default-seed0")
     with pytest.raises(SystemExit):
         ab.main([str(p) for p in parts])
-    assert "ablation=default seed=0 is in two sweep directories" in capsys.readouterr().err
+    assert "ablation=default seed=0 sft.from_run=/starts/seed0 is in two sweep directories" \
+        in capsys.readouterr().err
 
 
 # --- the recipe composes into the intended runs -------------------------------------------
