@@ -105,3 +105,41 @@ def chi_square_bound(df: int, z: float = 4.5) -> float:
 def chi_square(counts: torch.Tensor, probs: torch.Tensor) -> float:
     expected = probs * counts.sum()
     return float(((counts - expected) ** 2 / expected).sum())
+
+
+# --- multi-process loop runs (tests/test_fsdp.py, tests/test_megatron.py) -----------------
+# `run`, `ref`: TensorBoard scalars, tag -> {iteration: value}
+
+def assert_replica_shares(run: dict, iterations: int, replicas: int = 2) -> None:
+    """Each replica generated a share of every iteration; the shares make the batch."""
+    for it in range(iterations):
+        shares = [run[f"replica/{r}/requests"][it] for r in range(replicas)]
+        assert min(shares) > 0 and sum(shares) == run["rollout/requests"][it]
+        assert sum(run[f"replica/{r}/tokens"][it] for r in range(replicas)) == \
+            run["rollout/generated_tokens"][it]
+
+
+def assert_partial_run_matches(run: dict, ref: dict) -> None:
+    """A multi-process run with partial rollouts against a one-process run: iteration 0
+    finishes no group (all carried over), iterations 0-1 generate the same tokens and
+    buffer, and iteration 1 trains on the same batch (figures within float rounding)."""
+    assert run["partial/buffer_size"][0] > 0 and 0 not in run["loss/policy"]
+    for it in (0, 1):
+        assert run["rollout/generated_tokens"][it] == ref["rollout/generated_tokens"][it]
+        assert run["partial/buffer_tokens"][it] == ref["partial/buffer_tokens"][it]
+    for tag in ("response_length/mean", "accuracy/train", "reward/mean"):
+        assert run[tag][1] == ref[tag][1], tag
+    assert run["train/grad_norm"][1] > 0
+    for tag in ("loss/policy", "train/entropy", "train/grad_norm"):
+        assert abs(run[tag][1] - ref[tag][1]) <= 1e-4 * abs(ref[tag][1]) + 1e-7, tag
+
+
+def assert_resumed_iteration_matches(run: dict, resumed: dict, it: int = 2) -> None:
+    """Iteration `it` resumed in one process draws the samples the run drew and trains
+    within float rounding."""
+    assert set(resumed["rollout/replicas"]) == {it} and resumed["rollout/replicas"][it] == 1
+    for tag in ("rollout/generated_tokens", "response_length/mean", "accuracy/train",
+                "reward/mean", "partial/buffer_size"):
+        assert resumed[tag][it] == run[tag][it], tag
+    for tag in ("loss/policy", "train/grad_norm"):
+        assert abs(resumed[tag][it] - run[tag][it]) <= 1e-3 * abs(run[tag][it]) + 1e-6, tag

@@ -27,6 +27,11 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import (
+    assert_partial_run_matches,
+    assert_replica_shares,
+    assert_resumed_iteration_matches,
+)
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -120,21 +125,8 @@ def test_loop_data_parallel(dp2_run, tmp):
             "iterations=2"])
     dp, ref = scalars(dp2_run), scalars(one)
     assert ref["rollout/replicas"][0] == 1 and dp["rollout/replicas"][0] == 2
-    for it in range(3):  # each replica generated a share; the shares make the batch
-        shares = [dp[f"replica/{r}/requests"][it] for r in range(2)]
-        assert min(shares) > 0 and sum(shares) == dp["rollout/requests"][it]
-        assert sum(dp[f"replica/{r}/tokens"][it] for r in range(2)) == \
-            dp["rollout/generated_tokens"][it]
-    # iteration 0 finishes no group (partial rollouts: all carried over), iteration 1 trains
-    assert dp["partial/buffer_size"][0] > 0 and 0 not in dp["loss/policy"]
-    for it in (0, 1):
-        assert dp["rollout/generated_tokens"][it] == ref["rollout/generated_tokens"][it]
-        assert dp["partial/buffer_tokens"][it] == ref["partial/buffer_tokens"][it]
-    for tag in ("response_length/mean", "accuracy/train", "reward/mean"):
-        assert dp[tag][1] == ref[tag][1], tag
-    assert dp["train/grad_norm"][1] > 0
-    for tag in ("loss/policy", "train/entropy", "train/grad_norm"):
-        assert abs(dp[tag][1] - ref[tag][1]) <= 1e-4 * abs(ref[tag][1]) + 1e-7, tag
+    assert_replica_shares(dp, 3)
+    assert_partial_run_matches(dp, ref)
 
 
 def test_resume_in_one_process(dp2_run, tmp):
@@ -148,10 +140,4 @@ def test_resume_in_one_process(dp2_run, tmp):
     (ckpts / "latest").write_text("iter_000002.pt")
     shutil.rmtree(run / "tb")
     launch([sys.executable, "-m", "kimi_rl.cli", "train", *TINY, f"resume={run}"])
-    dp, resumed = scalars(dp2_run), scalars(run)
-    assert set(resumed["rollout/replicas"]) == {2} and resumed["rollout/replicas"][2] == 1
-    for tag in ("rollout/generated_tokens", "response_length/mean", "accuracy/train",
-                "reward/mean", "partial/buffer_size"):
-        assert resumed[tag][2] == dp[tag][2], tag
-    for tag in ("loss/policy", "train/grad_norm"):
-        assert abs(resumed[tag][2] - dp[tag][2]) <= 1e-3 * abs(dp[tag][2]) + 1e-6, tag
+    assert_resumed_iteration_matches(scalars(dp2_run), scalars(run))

@@ -22,6 +22,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import (
+    assert_partial_run_matches,
+    assert_replica_shares,
+    assert_resumed_iteration_matches,
+)
 from safetensors.torch import load_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from transformers import LlamaConfig, Qwen2Config
@@ -313,11 +318,7 @@ def test_loop_tensor_parallel(tp2_run, tmp):
     # ends the iteration with the same batch: the run checks it, see check_same), and the
     # batch is the one-process run's (same tokens: same lengths, same rewards)
     assert ref["rollout/replicas"][0] == 1 and mega["rollout/replicas"][0] == 2
-    for it in range(3):
-        shares = [mega[f"replica/{r}/requests"][it] for r in range(2)]
-        assert min(shares) > 0 and sum(shares) == mega["rollout/requests"][it]
-        tokens = [mega[f"replica/{r}/tokens"][it] for r in range(2)]
-        assert sum(tokens) == mega["rollout/generated_tokens"][it]
+    assert_replica_shares(mega, 3)
     for tag in ("rollout/generated_tokens", "response_length/mean", "accuracy/train"):
         assert mega[tag][0] == ref[tag][0], tag
     assert mega["train/grad_norm"][0] > 0
@@ -386,21 +387,8 @@ def test_loop_data_parallel(dp2_run, tmp):
             "iterations=2"])
     dp, ref = scalars(dp2_run), scalars(one)
     assert ref["rollout/replicas"][0] == 1 and dp["rollout/replicas"][0] == 2
-    for it in range(3):
-        shares = [dp[f"replica/{r}/requests"][it] for r in range(2)]
-        assert min(shares) > 0 and sum(shares) == dp["rollout/requests"][it]
-        assert sum(dp[f"replica/{r}/tokens"][it] for r in range(2)) == \
-            dp["rollout/generated_tokens"][it]
-    # iteration 0 finishes no group (all carried over), iteration 1 trains
-    assert dp["partial/buffer_size"][0] > 0 and 0 not in dp["loss/policy"]
-    for it in (0, 1):
-        assert dp["rollout/generated_tokens"][it] == ref["rollout/generated_tokens"][it]
-        assert dp["partial/buffer_tokens"][it] == ref["partial/buffer_tokens"][it]
-    for tag in ("response_length/mean", "accuracy/train", "reward/mean"):
-        assert dp[tag][1] == ref[tag][1], tag
-    assert dp["train/grad_norm"][1] > 0
-    for tag in ("loss/policy", "train/entropy", "train/grad_norm"):
-        assert abs(dp[tag][1] - ref[tag][1]) <= 1e-4 * abs(ref[tag][1]) + 1e-7, tag
+    assert_replica_shares(dp, 3)
+    assert_partial_run_matches(dp, ref)
 
 
 def test_data_parallel_resumes_in_one_process(dp2_run, tmp):
@@ -416,13 +404,7 @@ def test_data_parallel_resumes_in_one_process(dp2_run, tmp):
     shutil.rmtree(run / "tb")
     launch([sys.executable, "-m", "kimi_rl.cli", "train", *TINY, *PARTIAL, f"resume={run}",
             "backend=megatron"])
-    dp, resumed = scalars(dp2_run), scalars(run)
-    assert set(resumed["rollout/replicas"]) == {2} and resumed["rollout/replicas"][2] == 1
-    for tag in ("rollout/generated_tokens", "response_length/mean", "accuracy/train",
-                "reward/mean", "partial/buffer_size"):
-        assert resumed[tag][2] == dp[tag][2], tag
-    for tag in ("loss/policy", "train/grad_norm"):
-        assert abs(resumed[tag][2] - dp[tag][2]) <= 1e-3 * abs(dp[tag][2]) + 1e-6, tag
+    assert_resumed_iteration_matches(scalars(dp2_run), scalars(run))
 
 
 def test_logprob_memory_bench_quick():

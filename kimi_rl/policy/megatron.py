@@ -344,7 +344,7 @@ class MegatronPolicy:
         if embedded.shape[0] != pad.shape[0]:  # sequence parallel: this TP rank's chunk
             n = embedded.shape[0]
             pad = pad[self.tp_rank * n:(self.tp_rank + 1) * n]
-        return torch.where(pad.unsqueeze(-1).to(embedded.device), embedded.detach(), embedded)
+        return torch.where(pad.unsqueeze(-1), embedded.detach(), embedded)
 
     def _micro_batches(self, batches: list[PackedBatch], temperature: float
                        ) -> list[tuple[int, _Micro]]:
