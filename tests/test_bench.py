@@ -45,6 +45,37 @@ def test_rollout_throughput_bench_quick():
     assert set(result["goals_met"]) == set(result["goals"])
 
 
+@pytest.mark.slow
+def test_gpu_long_context_bench_runs_on_cpu():
+    """The prepared GPU check, on the CPU with a tiny model: every case measured, packed
+    attention within its tolerances of the float64 per-sequence reference, and the packed
+    row's logprobs equal to its sequences' alone. (Its figures need a GPU.)"""
+    out = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_long_context.py"),
+                          "--quick", "--device", "cpu", "--autocast", "none"],
+                         capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert set(result["train"]) == {"256/packed", "256/single", "512/packed", "512/single"}
+    assert all(r["step_seconds"] > 0 for r in result["train"].values())
+    assert result["attention_within_tolerance"] is True
+    assert set(result["attention_max_rel_diff"]) == {
+        "float32", "float32/shared_prompts", "bfloat16", "bfloat16/shared_prompts"}
+    assert result["logprobs_max_abs_diff"] < 1e-5
+
+
+def test_gpu_long_context_bench_needs_a_gpu():
+    """Without a CUDA device the GPU check says so (exit 2, an error line), unless asked
+    for the CPU."""
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is visible")
+    out = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_long_context.py")],
+                         capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert out.returncode == 2
+    assert "needs a CUDA GPU" in json.loads(out.stdout.strip().splitlines()[-1])["error"]
+
+
 def _arm(after, length, **extra):
     levels = {"1": 1.0, "2": 1.0, "3": 1.0, "4": 0.2, "5": 0.2}
     return {"trained_levels": [1, 2, 3, 4, 5], "eval_before": levels,

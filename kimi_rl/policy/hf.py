@@ -196,9 +196,10 @@ class HFPolicy:
                 mask = torch.zeros(mask.shape, dtype=weight.dtype, device=weight.device
                                    ).masked_fill_(~mask, torch.finfo(weight.dtype).min)
             extra = {"attention_mask": mask}
-        return self.module(batch.input_ids, batch.position_ids, extra, batch.sources,
-                           batch.targets, self.cfg.logits_chunk, temperature,
-                           self.cfg.autocast)
+        dev = weight.device  # batches are built on the host
+        return self.module(batch.input_ids.to(dev), batch.position_ids.to(dev), extra,
+                           batch.sources.to(dev), batch.targets.to(dev), self.cfg.logits_chunk,
+                           temperature, self.cfg.autocast)
 
     @torch.no_grad()
     def logprobs(self, batch: PackedBatch, temperature: float = 1.0) -> tuple[Tensor, Tensor]:
