@@ -89,7 +89,18 @@ class BackendConfig:
     # with AVX-512 BF16 the matmuls run ~4x faster. The megatron backend takes its
     # precision from model.dtype (bf16 params, float32 main weights in its optimizer).
     autocast: Optional[str] = None
-    gradient_checkpointing: bool = False  # megatron: full recompute of every layer
+    # recompute activations in backward instead of keeping them: hf, every decoder layer;
+    # megatron, the same as recompute=full
+    gradient_checkpointing: bool = False
+    # megatron: activation recomputation, null | selective (each layer's core attention) |
+    # full (each layer whole)
+    recompute: Optional[str] = None
+    # megatron: the layers' implementation, local (megatron's own modules, core attention by
+    # torch SDPA per packed sequence: any device, the tests' CPU) | transformer_engine
+    # (NVIDIA Transformer Engine's fused layers: THD packed sequences and context
+    # parallelism; CUDA only, and not wired yet: kimi_rl/policy/context_parallel.py holds
+    # its layout arithmetic)
+    transformer_impl: str = "local"
     # hf: a group's prompt is computed once for its responses in a packed unit (exact; used
     # when the prompt is at least as long as the responses: kimi_rl/policy/packing.py).
     # The megatron backend packs every sequence whole (false in backend/megatron.yaml).
@@ -98,7 +109,7 @@ class BackendConfig:
     # the world splits into tensor x pipeline x context parallel x data parallel (the rest)
     tensor_parallel: int = 1  # splits heads, MLP and vocabulary; divides heads and kv heads
     pipeline_parallel: int = 1  # splits the layers into stages; divides the layer count
-    context_parallel: int = 1  # splits sequences; refused by the packed SDPA attention
+    context_parallel: int = 1  # splits sequences; needs transformer_impl=transformer_engine
     sequence_parallel: bool = False  # norms/dropout on sequence shards (tensor_parallel > 1)
     distributed_optimizer: bool = True  # optimizer state sharded over data-parallel ranks
 
@@ -512,6 +523,8 @@ LOSS_SEGMENTS = ("recent", "all")
 STALE_TRAJECTORIES = ("regenerate", "drop")
 ENGINE_DTYPES = ("float32", "bfloat16", "float16", "auto")
 AUTOCAST_DTYPES = (None, "bfloat16", "float16")
+RECOMPUTE = (None, "selective", "full")  # backend.recompute (megatron)
+TRANSFORMER_IMPLS = ("local", "transformer_engine")  # backend.transformer_impl (megatron)
 
 
 def check_config(cfg: TrainConfig) -> None:
@@ -560,6 +573,18 @@ def check_config(cfg: TrainConfig) -> None:
     if cfg.backend.autocast is not None:
         require("backend.autocast", cfg.backend.autocast, cfg.backend.name == "hf",
                 "null with the megatron backend (its precision is model.dtype)")
+    be = cfg.backend
+    require("backend.recompute", be.recompute, be.recompute in RECOMPUTE,
+            f"one of {list(RECOMPUTE)}")
+    if be.recompute is not None:
+        require("backend.recompute", be.recompute, be.name == "megatron",
+                "null with the hf backend (it recomputes whole layers: "
+                "backend.gradient_checkpointing=true)")
+        require("backend.recompute", be.recompute,
+                not be.gradient_checkpointing or be.recompute == "full",
+                "full or null with backend.gradient_checkpointing=true (which means full)")
+    require("backend.transformer_impl", be.transformer_impl,
+            be.transformer_impl in TRANSFORMER_IMPLS, f"one of {list(TRANSFORMER_IMPLS)}")
     require("algo.ref_logprobs", cfg.algo.ref_logprobs, cfg.algo.ref_logprobs in REF_LOGPROBS,
             f"one of {list(REF_LOGPROBS)}")
     require("reward.truncated_reward", rw.truncated_reward,

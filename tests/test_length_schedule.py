@@ -82,6 +82,9 @@ def test_defaults_pass_the_checks():
     ("reward.repeat_penalty", float("nan")),
     ("reward.truncated_reward", "drop"),
     ("algo.ref_logprobs", "sampler"),
+    ("backend.recompute", "partial"),
+    ("backend.recompute", "full"),  # the default backend is hf: gradient_checkpointing
+    ("backend.transformer_impl", "fused"),
 ])
 def test_bad_values_name_the_key(key, value):
     with pytest.raises(ValueError, match=key.replace(".", r"\.")):

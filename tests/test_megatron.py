@@ -11,8 +11,10 @@ share the launches.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
+import re
 import shlex
 import shutil
 import signal
@@ -162,8 +164,19 @@ def test_bad_settings_are_named():
     class HF:  # enough of an HF model for the checks made before any process group
         config = hf_weights("llama", True)[0]
 
-    with pytest.raises(ValueError, match="backend.context_parallel=2"):
-        MegatronPolicy(HF, BackendConfig(name="megatron", context_parallel=2), AlgoConfig())
+    if importlib.util.find_spec("transformer_engine") is None:  # what to install is named
+        for backend, key in ((BackendConfig(name="megatron", context_parallel=2),
+                              "backend.context_parallel=2"),
+                             (BackendConfig(name="megatron", transformer_impl="transformer_engine"),
+                              "backend.transformer_impl=transformer_engine")):
+            with pytest.raises(ValueError, match=re.escape(key) + ".*Transformer Engine is not "
+                               "installed: pip install .*transformer-engine"):
+                MegatronPolicy(HF, backend, AlgoConfig())
+    with pytest.raises(ValueError, match="transformer_impl='fused'"):
+        MegatronPolicy(HF, BackendConfig(name="megatron", transformer_impl="fused"), AlgoConfig())
+    with pytest.raises(ValueError, match="gradient_checkpointing=true means full"):
+        MegatronPolicy(HF, BackendConfig(name="megatron", recompute="selective",
+                                         gradient_checkpointing=True), AlgoConfig())
     with pytest.raises(ValueError, match="sequence_parallel needs"):
         MegatronPolicy(HF, BackendConfig(name="megatron", sequence_parallel=True), AlgoConfig())
     if not torch.cuda.is_available():  # this process has no CUDA patch: a clear refusal
@@ -225,6 +238,18 @@ def check_report(r: dict) -> None:
 @pytest.mark.parametrize("name", ["llama", "qwen2", "llama_sequence_parallel"])
 def test_tensor_parallel_matches_hf(tp2, name):
     check_report(tp2[name])
+
+
+def test_activation_recompute_matches_hf(tp2):
+    """backend.recompute at TP=2: selective recomputes each layer's core attention in
+    backward (its forward runs twice, the MLP's once), full the whole layer (both twice);
+    without it each runs once. Gradients and the step as without recompute."""
+    assert tp2["llama"]["calls_per_micro_batch"] == {"core_attention": 1, "mlp": 1}
+    assert tp2["llama_recompute_selective"]["calls_per_micro_batch"] == {
+        "core_attention": 2, "mlp": 1}
+    assert tp2["llama_recompute_full"]["calls_per_micro_batch"] == {"core_attention": 2, "mlp": 2}
+    for mode in ("selective", "full"):
+        check_report(tp2[f"llama_recompute_{mode}"])
 
 
 @pytest.mark.parametrize("name", ["llama", "qwen2"])

@@ -1,11 +1,14 @@
 """Policy backend on megatron-core: tensor (TP), pipeline (PP) and data (DP) parallel.
 
 One process per GPU (torchrun). The world splits into TP x PP x DP as megatron's
-parallel_state does; context parallel (CP) is a config field that this attention refuses
-(see PackedAttention). The model is megatron's GPTModel with the local layer spec, whose
-core attention is replaced by PackedAttention (torch SDPA per packed sequence: flash
-kernels on GPU, no [s x s] mask). RoPE is computed from each token's position id, so
-packed sequences restart at position 0 as in the hf backend and the rollout engines.
+parallel_state does. Context parallel (CP) and Transformer Engine's layers
+(backend.transformer_impl) are refused at start, naming what to install where Transformer
+Engine is missing (check_transformer_impl); activation recomputation is megatron's,
+selective or full (backend.recompute). The model is megatron's GPTModel with the local
+layer spec, whose core attention is replaced by PackedAttention (torch SDPA per packed
+sequence: flash kernels on GPU, no [s x s] mask). RoPE is computed from each token's
+position id, so packed sequences restart at position 0 as in the hf backend and the
+rollout engines.
 
 Interface of the hf backend (kimi_rl/policy/hf.py): logprobs, train_step, export_weights
 (full HF-named tensors, gathered over TP and PP), reset_optimizer, set_lr, and
@@ -20,6 +23,7 @@ tokens, each recomputed in backward, so [tokens x vocab] float32 logits never ex
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -115,6 +119,50 @@ class RMSNorm(torch.nn.RMSNorm):
         self.weight.sequence_parallel = config.sequence_parallel
 
 
+TE_INSTALL = ("pip install --no-build-isolation 'transformer-engine[pytorch]' (on a CUDA machine, "
+              "a build matching its torch and CUDA)")
+
+
+def check_transformer_impl(backend: BackendConfig) -> None:
+    """The layer implementation asked for exists here: Transformer Engine (and context
+    parallelism, which needs it) fails at start, saying what to install where it is
+    missing; where it is installed, that its path is not wired into this backend yet."""
+    cp = backend.context_parallel
+    if backend.transformer_impl not in ("local", "transformer_engine"):
+        raise ValueError(f"backend.transformer_impl={backend.transformer_impl!r}: choose local "
+                         f"or transformer_engine")
+    if backend.transformer_impl == "local" and cp == 1:
+        return
+    what = ("backend.transformer_impl=transformer_engine" if cp == 1 else
+            f"backend.context_parallel={cp} (the local layers' packed SDPA attention cannot "
+            f"split a sequence over ranks: it needs Transformer Engine's ring attention)")
+    if importlib.util.find_spec("transformer_engine") is None:
+        raise ValueError(f"{what}: NVIDIA Transformer Engine is not installed: {TE_INSTALL}; "
+                         f"or backend.transformer_impl=local with backend.context_parallel=1")
+    raise NotImplementedError(
+        f"{what}: the megatron backend's Transformer Engine path (THD packed sequences, "
+        f"context parallel) is not wired yet; use backend.transformer_impl=local and "
+        f"backend.context_parallel=1")
+
+
+def recompute_settings(backend: BackendConfig) -> dict:
+    """Megatron's activation-recomputation settings for backend.recompute (null |
+    selective: each layer's core attention | full: each layer whole, one at a time);
+    backend.gradient_checkpointing=true means full."""
+    mode = backend.recompute or ("full" if backend.gradient_checkpointing else None)
+    if mode not in (None, "selective", "full"):
+        raise ValueError(f"backend.recompute={mode!r}: choose null, selective or full")
+    if backend.gradient_checkpointing and mode != "full":
+        raise ValueError(f"backend.recompute={mode}: backend.gradient_checkpointing=true means "
+                         f"full recompute; set one of them")
+    if mode == "full":
+        return dict(recompute_granularity="full", recompute_method="uniform",
+                    recompute_num_layers=1)
+    if mode == "selective":
+        return dict(recompute_granularity="selective", recompute_modules=["core_attn"])
+    return {}
+
+
 def _packed_attention_cls():
     from megatron.core.transformer.module import MegatronModule
 
@@ -191,10 +239,8 @@ class MegatronPolicy:
         self.cfg, self.algo, self.hf_model = backend, algo, hf_model
         self.shape = mc.model_shape(hf_model.config)
         tp, pp, cp = backend.tensor_parallel, backend.pipeline_parallel, backend.context_parallel
-        if cp != 1:
-            raise ValueError(f"backend.context_parallel={cp}: the megatron backend's packed "
-                             f"SDPA attention cannot split a sequence over ranks (it needs a "
-                             f"ring attention, e.g. Transformer Engine's); use 1")
+        check_transformer_impl(backend)
+        recompute = recompute_settings(backend)
         if backend.sequence_parallel and tp == 1:
             raise ValueError("backend.sequence_parallel needs backend.tensor_parallel > 1")
         mc.check_parallel(self.shape, tp, pp)
@@ -240,9 +286,7 @@ class MegatronPolicy:
             # initialised on the device, then overwritten by the HF weights (megatron marks
             # tensor-parallel parameters only while initialising them)
             perform_initialization=True, use_cpu_initialization=False,
-            recompute_granularity="full" if backend.gradient_checkpointing else None,
-            recompute_method="uniform" if backend.gradient_checkpointing else None,
-            recompute_num_layers=1 if backend.gradient_checkpointing else None)
+            **recompute)
         # an HF embedding's padding_idx row gets no gradient from its lookups; Megatron's
         # embedding has no such row, so _stage_forward reproduces it (same gradients as HF)
         self.padding_idx = getattr(hf_model.get_input_embeddings(), "padding_idx", None)

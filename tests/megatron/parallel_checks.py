@@ -79,12 +79,25 @@ def loss_fn(lp, pb):
     return loss, {"loss/test": float(loss)}
 
 
-def compare(name: str, tp: int, pp: int, sequence_parallel: bool, tokenizer) -> dict:
+def count_calls(policy) -> dict[str, int]:
+    """Forward calls of the first layer's core attention and MLP on this rank (a module
+    recomputed in backward runs again)."""
+    layer = policy.gpt.decoder.layers[0]
+    calls = {"core_attention": 0, "mlp": 0}
+    for key, module in (("core_attention", layer.self_attention.core_attention),
+                        ("mlp", layer.mlp)):
+        module.register_forward_hook(
+            lambda *_, key=key: calls.__setitem__(key, calls[key] + 1))
+    return calls
+
+
+def compare(name: str, tp: int, pp: int, sequence_parallel: bool, tokenizer,
+            recompute: str | None = None) -> dict:
     ref = hf_model(name, tokenizer)
     algo = AlgoConfig(lr=1e-3, grad_clip=1e9)
     backend = BackendConfig(name="megatron", tensor_parallel=tp, pipeline_parallel=pp,
                             sequence_parallel=sequence_parallel, logits_chunk=5,
-                            micro_batch_tokens=16)
+                            micro_batch_tokens=16, recompute=recompute)
     mp = MegatronPolicy(copy.deepcopy(ref), backend, algo, seed=0)
     hp = HFPolicy(ref, BackendConfig(logits_chunk=5), algo)
     out = {}
@@ -106,7 +119,10 @@ def compare(name: str, tp: int, pp: int, sequence_parallel: bool, tokenizer) -> 
     # gradients: they are checked with the plain optimizer, the step with both
     gp = mp if mp.dp == 1 else MegatronPolicy(
         copy.deepcopy(ref), dataclasses.replace(backend, distributed_optimizer=False), algo)
+    calls = count_calls(gp)
     metrics = gp.forward_backward(micro, loss_fn)
+    # forward calls per micro-batch (this rank's share): 1, or 2 where recomputed
+    out["calls_per_micro_batch"] = {k: v / -(-len(micro) // gp.dp) for k, v in calls.items()}
     grads = gp.grads_hf()
     ref.zero_grad()
     ref.train()
@@ -225,6 +241,8 @@ def layout_report(tp: int, pp: int, save: str | None, tokenizer) -> dict:
     report["padded_vocab"] = padded_vocab()
     if tp > 1:
         report["llama_sequence_parallel"] = compare("llama", tp, pp, True, tokenizer)
+        for mode in ("selective", "full"):
+            report[f"llama_recompute_{mode}"] = compare("llama", tp, pp, False, tokenizer, mode)
     if save:
         ref = hf_model("qwen2", tokenizer)
         backend = BackendConfig(name="megatron", tensor_parallel=tp, pipeline_parallel=pp,
