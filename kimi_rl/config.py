@@ -313,7 +313,8 @@ class DataConfig:
     confirm_prob: float = 0.5
     # level -> share of flawed demonstrations (an imperfect teacher), flawed by `flaw`:
     # stop_early (the last operand skipped) | slip (the last sum one too high); both answer
-    # wrongly (kimi_rl/data/modsum.py FLAWS)
+    # wrongly (kimi_rl/data/modsum.py FLAWS). The built-in task's and reasoning-gym's
+    # teachers (kimi_rl/data/reasoning_gym.py `demonstration`)
     flawed: Dict[int, float] = field(default_factory=dict)
     flaw: str = "stop_early"
     # reasoning-gym (task reasoning_gym; kimi_rl.data.reasoning_gym): the datasets to use,

@@ -275,6 +275,40 @@ def test_demonstrations_per_dataset_and_level():
     assert not {p.id for p in load_task(cfg).test} & set(ids)
 
 
+def test_flawed_teacher_demonstrations():
+    """data.flawed on reasoning-gym: at level 2 every demonstration is flawed. stop_early
+    leaves out the last operation (the correct chain's lines but the last, answer the result
+    before it), slip makes the last result one too high; both are scored wrong (chains whose
+    last operand is 0 excepted for stop_early); level 1 stays correct."""
+    verifier = get_verifier("reasoning_gym")
+    for flaw in ("stop_early", "slip"):
+        cfg = DataConfig(task="reasoning_gym", rg_datasets=["chain_sum"],
+                         rg_levels={"chain_sum": TEACHER_LEVELS["chain_sum"]},
+                         rg_demos={"chain_sum": {1: 5, 2: 8}}, train_per_level=20,
+                         test_per_level=2, flawed={2: 1.0}, flaw=flaw)
+        demos = load_task(cfg).demonstrations(0.0, 0)
+        for p, demo in demos:
+            right = rg.demonstration(p).split("\n")
+            lines = demo.split("\n")
+            if p.level == 1:
+                assert lines == right and verifier(p, demo) == 1.0
+                continue
+            if flaw == "stop_early":
+                assert lines[:-1] == right[:-2]
+                answer = int(right[-3].rsplit("= ", 1)[1])
+                last_operand_zero = right[-2].split(" = ")[0].endswith(" 0")
+                assert verifier(p, demo) == (1.0 if last_operand_zero else 0.0)
+            else:
+                assert lines[:-2] == right[:-2]
+                answer = int(right[-2].rsplit("= ", 1)[1]) + 1
+                assert lines[-2] == right[-2].rsplit("= ", 1)[0] + f"= {answer}"
+                assert verifier(p, demo) == 0.0
+            assert lines[-1] == f"The answer is \\boxed{{{answer}}}."
+        assert sum(p.level == 2 for p, _ in demos) == 8
+    with pytest.raises(ValueError, match="unknown flaw 'typo'"):
+        rg.demonstration(demos[0][0], "typo")
+
+
 @pytest.mark.parametrize("demos, match", [
     ({"countdown": {1: 3}}, r"data.rg_demos.countdown: 'countdown' is not in data.rg_datasets"),
     ({"chain_sum": {3: 3}}, r"data.rg_demos.chain_sum.3: chain_sum has no level 3 .*\[1, 2\]"),

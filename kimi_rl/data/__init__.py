@@ -46,7 +46,8 @@ class TaskData:
                 continue
             key = (reasoning_gym.entry_of(p)[0], p.level)
             if rg_taken.get(key, 0) < self.rg_demos.get(key[0], {}).get(p.level, 0):
-                demo = reasoning_gym.demonstration(p)
+                flawed = rng.random() < self.flawed.get(p.level, 0.0)
+                demo = reasoning_gym.demonstration(p, self.flaw if flawed else None)
                 if demo is not None:
                     rg_taken[key] = rg_taken.get(key, 0) + 1
                     out.append((p, demo))
@@ -87,7 +88,8 @@ def load_task(cfg: DataConfig) -> TaskData:
         rg_demos = reasoning_gym.demo_table(list(cfg.rg_datasets), plain(cfg.rg_levels),
                                             plain(cfg.rg_demos))
         return TaskData(train, test, vocabulary=reasoning_gym.vocabulary(train + test),
-                        rg_demos=rg_demos)
+                        rg_demos=rg_demos, flaw=cfg.flaw,
+                        flawed={int(k): float(v) for k, v in cfg.flawed.items()})
     if cfg.task != "modsum":
         raise ValueError(f"data.task: unknown built-in task {cfg.task!r} "
                          f"(choose from ['modsum', '{reasoning_gym.TASK}'])")

@@ -267,11 +267,14 @@ def _terms(expression: str) -> tuple[list[int], list[str]] | None:
     return (numbers, ops) if all(op in ("+", "-") for op in ops) else None
 
 
-def demonstration(problem: Problem) -> str | None:
+def demonstration(problem: Problem, flaw: str | None = None) -> str | None:
     """A chain-of-thought response for a reasoning-gym problem whose dataset has a teacher
     (TEACHERS) and whose expression is a chain of + and - (left to right, a line per
     operation), ending with the answer as \\boxed{} on the last line; None otherwise. The
-    response is checked by the dataset's own scorer: it is right."""
+    response is checked by the dataset's own scorer: it is right. `flaw` gives an imperfect
+    teacher's response instead (the built-in task's FLAWS): `stop_early` leaves out the
+    last operation and answers with the result so far, `slip` gets the last result one too
+    high; either answers wrongly (stop_early unless the last operand is 0)."""
     name, _, entry = entry_of(problem)
     if name not in TEACHERS:
         return None
@@ -279,14 +282,21 @@ def demonstration(problem: Problem) -> str | None:
     if parsed is None:
         return None
     numbers, ops = parsed
-    lines, acc = [], numbers[0]
+    lines, results = [], [numbers[0]]
     for op, b in zip(ops, numbers[1:], strict=True):
-        new = acc + b if op == "+" else acc - b
-        lines.append(f"{acc} {op} {b} = {new}")
-        acc = new
-    if score(problem, str(acc)) != 1.0:
+        acc = results[-1]
+        results.append(acc + b if op == "+" else acc - b)
+        lines.append(f"{acc} {op} {b} = {results[-1]}")
+    if score(problem, str(results[-1])) != 1.0:
         return None
-    return "\n".join(lines + [f"The answer is \\boxed{{{acc}}}."])
+    if flaw == "stop_early":
+        lines, results = lines[:-1], results[:-1]
+    elif flaw == "slip":
+        results[-1] += 1
+        lines[-1] = f"{lines[-1].rsplit(' = ', 1)[0]} = {results[-1]}"
+    elif flaw is not None:
+        raise ValueError(f"demonstration: unknown flaw {flaw!r} (choose from stop_early, slip)")
+    return "\n".join(lines + [f"The answer is \\boxed{{{results[-1]}}}."])
 
 
 def vocabulary(problems: Sequence[Problem]) -> list[str]:
