@@ -14,11 +14,12 @@ AV, forward and backward, over the packed sequences of lengths s_i). The peak is
 on the device (the best bf16 GEMM rate of a few large square matrix products); the
 datasheet peak is reported beside it where the device is known.
 
-Runs as one process (TP=1) or under torchrun with --tp/--pp. Needs a CUDA GPU and
+Runs as one process (TP=1) or under torchrun with --tp/--pp/--cp. Needs a CUDA GPU and
 megatron-core; without a GPU it says so and exits with code 2.
 
     python bench/gpu_train_step.py [--tokens 8192 32768] [--steps 5] [--quick]
     torchrun --nproc-per-node 2 bench/gpu_train_step.py --tp 2
+    torchrun --nproc-per-node 2 bench/gpu_train_step.py --cp 2 --tokens 32768 65536
 
 Prints a line per batch size and a final JSON line.
 """
@@ -76,6 +77,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--tp", type=int, default=1)
     ap.add_argument("--pp", type=int, default=1)
+    ap.add_argument("--cp", type=int, default=1, help="backend.context_parallel")
     ap.add_argument("--chunk", type=int, default=1024, help="backend.logits_chunk")
     ap.add_argument("--quick", action="store_true", help="a 4-layer model, 2 steps")
     args = ap.parse_args()
@@ -94,7 +96,8 @@ def main() -> None:
         hf = AutoModelForCausalLM.from_config(LlamaConfig(**shape), dtype=torch.bfloat16)
     n_params = sum(p.numel() for p in hf.parameters())
     backend = BackendConfig(name="megatron", tensor_parallel=args.tp,
-                            pipeline_parallel=args.pp, logits_chunk=args.chunk,
+                            pipeline_parallel=args.pp, context_parallel=args.cp,
+                            logits_chunk=args.chunk,
                             sequence_parallel=args.tp > 1, micro_batch_tokens=max(args.tokens))
     policy = MegatronPolicy(hf, backend, AlgoConfig(lr=1e-5), seed=0)
     peak = measured_peak()
@@ -130,7 +133,7 @@ def main() -> None:
         print(f"{tokens} tokens: {r['tokens_per_s']:.0f} tok/s, MFU {r['mfu_vs_measured_peak']:.3f}"
               f" (of measured peak {peak / 1e12:.0f} TFLOP/s)", file=sys.stderr)
     out = {"device": name, "params": n_params, "dtype": "bfloat16", "tp": args.tp,
-           "pp": args.pp, "attention": "torch SDPA per packed sequence",
+           "pp": args.pp, "cp": args.cp, "attention": "torch SDPA per packed sequence",
            "measured_peak_tflops": round(peak / 1e12, 1),
            "datasheet_peak_tflops": sheet / 1e12 if sheet else None, "results": results}
     if torch.distributed.get_rank() == 0:

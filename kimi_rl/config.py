@@ -97,9 +97,8 @@ class BackendConfig:
     recompute: Optional[str] = None
     # megatron: the layers' implementation, local (megatron's own modules, core attention by
     # torch SDPA per packed sequence: any device, the tests' CPU) | transformer_engine
-    # (NVIDIA Transformer Engine's fused layers: THD packed sequences and context
-    # parallelism; CUDA only, and not wired yet: kimi_rl/policy/context_parallel.py holds
-    # its layout arithmetic)
+    # (NVIDIA Transformer Engine's fused layers on THD packed sequences; CUDA only, and not
+    # wired yet: it fails at start)
     transformer_impl: str = "local"
     # hf: a group's prompt is computed once for its responses in a packed unit (exact; used
     # when the prompt is at least as long as the responses: kimi_rl/policy/packing.py).
@@ -109,7 +108,8 @@ class BackendConfig:
     # the world splits into tensor x pipeline x context parallel x data parallel (the rest)
     tensor_parallel: int = 1  # splits heads, MLP and vocabulary; divides heads and kv heads
     pipeline_parallel: int = 1  # splits the layers into stages; divides the layer count
-    context_parallel: int = 1  # splits sequences; needs transformer_impl=transformer_engine
+    # splits each packed sequence over ranks (zigzag chunks; keys and values all-gathered)
+    context_parallel: int = 1
     sequence_parallel: bool = False  # norms/dropout on sequence shards (tensor_parallel > 1)
     distributed_optimizer: bool = True  # optimizer state sharded over data-parallel ranks
 

@@ -165,13 +165,13 @@ def test_bad_settings_are_named():
         config = hf_weights("llama", True)[0]
 
     if importlib.util.find_spec("transformer_engine") is None:  # what to install is named
-        for backend, key in ((BackendConfig(name="megatron", context_parallel=2),
-                              "backend.context_parallel=2"),
-                             (BackendConfig(name="megatron", transformer_impl="transformer_engine"),
-                              "backend.transformer_impl=transformer_engine")):
-            with pytest.raises(ValueError, match=re.escape(key) + ".*Transformer Engine is not "
-                               "installed: pip install .*transformer-engine"):
-                MegatronPolicy(HF, backend, AlgoConfig())
+        with pytest.raises(ValueError, match=re.escape(
+                "backend.transformer_impl=transformer_engine") + ".*Transformer Engine is not "
+                "installed: pip install .*transformer-engine"):
+            MegatronPolicy(HF, BackendConfig(name="megatron",
+                                             transformer_impl="transformer_engine"), AlgoConfig())
+    with pytest.raises(ValueError, match="backend.context_parallel=0: must be >= 1"):
+        MegatronPolicy(HF, BackendConfig(name="megatron", context_parallel=0), AlgoConfig())
     with pytest.raises(ValueError, match="transformer_impl='fused'"):
         MegatronPolicy(HF, BackendConfig(name="megatron", transformer_impl="fused"), AlgoConfig())
     with pytest.raises(ValueError, match="gradient_checkpointing=true means full"):
@@ -193,9 +193,9 @@ def test_cpu_patch_stays_in_tests():
 
 @pytest.fixture(scope="module")
 def layouts(tmp) -> dict:
-    """TP=2, PP=2 and DP=2 (one launch: each torchrun start costs seconds); the TP=2
+    """TP=2, PP=2, DP=2 and CP=2 (one launch: each torchrun start costs seconds); the TP=2
     layout also saves a sharded checkpoint."""
-    torchrun([str(SCRIPTS / "parallel_checks.py"), "--layouts", "tp2,pp2,dp",
+    torchrun([str(SCRIPTS / "parallel_checks.py"), "--layouts", "tp2,pp2,dp,cp2",
               "--out", str(tmp / "layouts.json"), "--save", str(tmp / "ckpt_tp2")])
     return json.loads((tmp / "layouts.json").read_text())
 
@@ -255,6 +255,17 @@ def test_activation_recompute_matches_hf(tp2):
 @pytest.mark.parametrize("name", ["llama", "qwen2"])
 def test_pipeline_parallel_matches_hf(pp2, name):
     check_report(pp2[name])
+
+
+@pytest.mark.parametrize("name", ["llama", "qwen2"])
+def test_context_parallel_matches_hf(layouts, name):
+    """Two processes, CP=2 (local layers, keys and values all-gathered over the CP group):
+    each rank's attention runs on its half of the padded THD tokens, and logprobs,
+    gradients and the step equal the one-process hf backend's."""
+    r = layouts["cp2"][name]
+    check_report(r)
+    assert r["attention_queries"] == r["cp_share"] < r["batch_tokens"]
+    assert layouts["cp2"]["other_layout_refused"] is True
 
 
 @pytest.mark.parametrize("name", ["llama", "qwen2"])
@@ -319,7 +330,16 @@ def tp2_run(tmp) -> Path:
     return run
 
 
-def test_loop_tensor_parallel(tp2_run, tmp):
+@pytest.fixture(scope="module")
+def hf_run(tmp) -> Path:
+    """The same first iteration in one process with the hf backend."""
+    run = tmp / "run_hf"
+    launch([sys.executable, "-m", "kimi_rl.cli", "train", *TINY, *GRADIENT,
+            f"run_dir={run}", "sft.control=false", "iterations=1"])
+    return run
+
+
+def test_loop_tensor_parallel(tp2_run, hf_run):
     """The README's TP=2 command: a few iterations; outputs written once; the first
     iteration (same rollouts, same weights) trains like the hf backend."""
     ckpts = tp2_run / "checkpoints"
@@ -334,9 +354,6 @@ def test_loop_tensor_parallel(tp2_run, tmp):
     out = (tp2_run.parent / "run_tp2.stdout").read_text()
     assert sum(line.startswith("{") and '"wall_seconds"' in line
                for line in out.splitlines()) == 1, out
-    hf_run = tmp / "run_hf"
-    launch([sys.executable, "-m", "kimi_rl.cli", "train", *TINY, *GRADIENT,
-            f"run_dir={hf_run}", "sft.control=false", "iterations=1"])
     mega, ref = scalars(tp2_run), scalars(hf_run)
     assert mega["reward/mean"][0] == ref["reward/mean"][0]
     # two rollout replicas generated disjoint shares that make the whole batch (every rank
@@ -345,6 +362,21 @@ def test_loop_tensor_parallel(tp2_run, tmp):
     assert ref["rollout/replicas"][0] == 1 and mega["rollout/replicas"][0] == 2
     assert_replica_shares(mega, 3)
     for tag in ("rollout/generated_tokens", "response_length/mean", "accuracy/train"):
+        assert mega[tag][0] == ref[tag][0], tag
+    assert mega["train/grad_norm"][0] > 0
+    for tag in ("loss/policy", "train/entropy", "train/grad_norm"):
+        assert abs(mega[tag][0] - ref[tag][0]) <= 1e-4 * abs(ref[tag][0]) + 1e-7, tag
+
+
+def test_loop_context_parallel(tmp, hf_run):
+    """The README's CP=2 command: every sequence split over the two ranks; the first
+    iteration (same rollouts, same weights) trains like the one-process hf backend."""
+    run = tmp / "run_cp2"
+    launch(readme_command("backend.context_parallel=2") + TINY + GRADIENT
+           + [f"run_dir={run}", "sft.control=false", "iterations=2"])
+    assert json.loads((run / "summary.json").read_text())["iterations"] == 2
+    mega, ref = scalars(run), scalars(hf_run)
+    for tag in ("rollout/generated_tokens", "reward/mean", "accuracy/train"):
         assert mega[tag][0] == ref[tag][0], tag
     assert mega["train/grad_norm"][0] > 0
     for tag in ("loss/policy", "train/entropy", "train/grad_norm"):

@@ -106,3 +106,49 @@ def unsplit(parts: list[Tensor], layout: ThdLayout) -> Tensor:
     out = values.new_empty((layout.total, *values.shape[1:]))
     out[index.to(values.device)] = values
     return out
+
+
+@dataclass
+class CPShard:
+    """One CP rank's part of a packed micro-batch (cp_shard): its zigzag tokens of the
+    batch's sequences laid out in THD, and the targets whose predicting hidden state it
+    holds."""
+
+    input_ids: Tensor  # [n] this rank's tokens, in padded-row order
+    position_ids: Tensor  # [n] each token's position within its sequence
+    index: Tensor  # [2, n] each token's position in the padded row, and its sequence's start
+    sources: Tensor  # [m] local indices of the hidden states that predict this rank's targets
+    slots: Tensor  # [m] which of the batch's targets those are (indices into its N targets)
+    targets: Tensor  # [m] their token ids
+    layout: ThdLayout
+
+
+def cp_shard(input_ids: Tensor, position_ids: Tensor, sources: Tensor, targets: Tensor,
+             cp: int, rank: int, tp: int = 1, sequence_parallel: bool = False,
+             pad_id: int = 0) -> CPShard:
+    """CP rank `rank`'s share of packed rows `input_ids` [R, L] (a sequence starts where its
+    position id is 0, as every row does) whose targets `targets` [N] are predicted by the
+    hidden states at flat positions `sources` [N] (in R x L): the sequences end to end,
+    each padded as thd_layout says (pad tokens `pad_id`, positions counting on), then the
+    rank's zigzag chunks. Every target is this rank's or another's, never two ranks'."""
+    flat_ids, flat_pos = input_ids.reshape(-1), position_ids.reshape(-1)
+    rows, length = input_ids.shape
+    starts = (flat_pos == 0)
+    starts[::length] = True  # a row's first token starts a sequence
+    seq = torch.cumsum(starts.long(), 0) - 1  # sequence of each flat position
+    lengths = torch.bincount(seq).tolist()
+    layout = thd_layout(lengths, cp, tp, sequence_parallel)
+    flat_start = torch.tensor(layout.cu_seqlens[:-1])
+    padded_start = torch.tensor(layout.cu_seqlens_padded[:-1])
+    where = padded_start[seq] + torch.arange(flat_ids.numel()) - flat_start[seq]  # flat -> row
+    ids = flat_ids.new_full((layout.total,), pad_id)
+    ids[where] = flat_ids
+    start_of = torch.repeat_interleave(padded_start, torch.tensor(layout.padded))
+    pos = torch.arange(layout.total) - start_of
+    local = zigzag_positions(layout, cp, rank)
+    inv = torch.full((layout.total,), -1, dtype=torch.long)
+    inv[local] = torch.arange(local.numel())
+    held = inv[where[sources]]
+    mine = held >= 0
+    return CPShard(ids[local], pos[local], torch.stack([local, start_of[local]]), held[mine],
+                   torch.nonzero(mine)[:, 0], targets[mine], layout)

@@ -124,25 +124,23 @@ TE_INSTALL = ("pip install --no-build-isolation 'transformer-engine[pytorch]' (o
 
 
 def check_transformer_impl(backend: BackendConfig) -> None:
-    """The layer implementation asked for exists here: Transformer Engine (and context
-    parallelism, which needs it) fails at start, saying what to install where it is
-    missing; where it is installed, that its path is not wired into this backend yet."""
-    cp = backend.context_parallel
+    """The layer implementation asked for exists here: Transformer Engine fails at start,
+    saying what to install where it is missing; where it is installed, that its path is not
+    wired into this backend yet. (Context parallelism runs on the local layers.)"""
     if backend.transformer_impl not in ("local", "transformer_engine"):
         raise ValueError(f"backend.transformer_impl={backend.transformer_impl!r}: choose local "
                          f"or transformer_engine")
-    if backend.transformer_impl == "local" and cp == 1:
+    if backend.context_parallel < 1:
+        raise ValueError(f"backend.context_parallel={backend.context_parallel}: must be >= 1")
+    if backend.transformer_impl == "local":
         return
-    what = ("backend.transformer_impl=transformer_engine" if cp == 1 else
-            f"backend.context_parallel={cp} (the local layers' packed SDPA attention cannot "
-            f"split a sequence over ranks: it needs Transformer Engine's ring attention)")
+    what = "backend.transformer_impl=transformer_engine"
     if importlib.util.find_spec("transformer_engine") is None:
         raise ValueError(f"{what}: NVIDIA Transformer Engine is not installed: {TE_INSTALL}; "
-                         f"or backend.transformer_impl=local with backend.context_parallel=1")
+                         f"or backend.transformer_impl=local")
     raise NotImplementedError(
-        f"{what}: the megatron backend's Transformer Engine path (THD packed sequences, "
-        f"context parallel) is not wired yet; use backend.transformer_impl=local and "
-        f"backend.context_parallel=1")
+        f"{what}: the megatron backend's Transformer Engine path (its fused layers on THD "
+        f"packed sequences) is not wired yet; use backend.transformer_impl=local")
 
 
 def recompute_settings(backend: BackendConfig) -> dict:
@@ -163,28 +161,95 @@ def recompute_settings(backend: BackendConfig) -> dict:
     return {}
 
 
+class _GatherCP(torch.autograd.Function):
+    """All-gather over the context-parallel group along dim 0 (rank order); backward sums
+    each rank's slice of the gradients over the group (reduce-scatter)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, group) -> Tensor:
+        ctx.group = group
+        out = x.new_empty((dist.get_world_size(group) * x.shape[0], *x.shape[1:]))
+        dist.all_gather_into_tensor(out, x.contiguous(), group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        out = grad.new_empty((grad.shape[0] // dist.get_world_size(ctx.group), *grad.shape[1:]))
+        dist.reduce_scatter_tensor(out, grad.contiguous(), group=ctx.group)
+        return out, None
+
+
+class _SumCP(torch.autograd.Function):
+    """Sum over the context-parallel group of tensors that are zero outside each rank's own
+    entries; backward is the identity: every rank computes the same loss from the sum, so
+    its own entries' gradient is that loss's."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, group) -> Tensor:
+        x = x.clone()
+        dist.all_reduce(x, group=group)
+        return x
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        return grad, None
+
+
+def _context_parallel_attention(query: Tensor, key: Tensor, value: Tensor, index: Tensor,
+                                scale: float | None) -> Tensor:
+    """Causal attention of this CP rank's tokens ([n, 1, heads, d], zigzag chunks of THD
+    sequences) over the whole of their sequences: keys and values are all-gathered over the
+    CP group (an all-gather CP; the gradients of the gathered keys and values return to
+    their ranks by reduce-scatter), put in padded-row order, and each contiguous run of the
+    rank's queries attends to its sequence's keys up to itself (kimi_rl.attention's
+    causal_attention with the keys before the run as its prefix). `index`: [2, n] each
+    token's padded-row position and its sequence's start."""
+    from megatron.core import parallel_state as ps
+
+    from ..attention import causal_attention
+
+    group = ps.get_context_parallel_group()
+    n, _, nq, d = query.shape
+    pos, start = index[0], index[1]
+    everyone = torch.empty(dist.get_world_size(group) * n, dtype=pos.dtype, device=pos.device)
+    dist.all_gather_into_tensor(everyone, pos.contiguous(), group=group)
+    order = torch.argsort(everyone)  # gathered -> padded row
+    keys = _GatherCP.apply(key, group)[order, 0].transpose(0, 1)[None]  # [1, kv, T, d]
+    values = _GatherCP.apply(value, group)[order, 0].transpose(0, 1)[None]
+    q = query[:, 0].transpose(0, 1)[None]  # [1, heads, n, d]
+    cuts = ((pos[1:] != pos[:-1] + 1) | (start[1:] != start[:-1])).nonzero()[:, 0] + 1
+    bounds = [0, *cuts.tolist(), n]
+    out = []
+    for a, b in zip(bounds[:-1], bounds[1:], strict=True):  # a run: one chunk of a sequence
+        first, seq_start = int(pos[a]), int(start[a])
+        end = first + (b - a)
+        out.append(causal_attention(q[:, :, a:b], keys[:, :, seq_start:end],
+                                    values[:, :, seq_start:end], scale,
+                                    prefix=first - seq_start)[0])
+    return torch.cat(out).reshape(n, 1, nq * d)
+
+
 def _packed_attention_cls():
     from megatron.core.transformer.module import MegatronModule
 
     class PackedAttention(MegatronModule):
         """Core attention for packed rows: causal attention within each packed sequence,
         one torch SDPA call per sequence (GQA native). `attention_mask` carries the [b, s]
-        segment ids (segment_ids), not a mask. Context parallel needs a ring attention
-        this module does not do: it refuses CP > 1."""
+        segment ids (segment_ids), not a mask; under context parallel the [2, n] index of
+        the rank's tokens (context_parallel.cp_shard) for _context_parallel_attention."""
 
         def __init__(self, config, layer_number, attn_mask_type, attention_type,
                      attention_dropout=None, softmax_scale=None, cp_comm_type=None,
                      pg_collection=None):
             super().__init__(config=config)
-            if config.context_parallel_size > 1:
-                raise ValueError(
-                    f"backend.context_parallel={config.context_parallel_size}: the packed "
-                    f"SDPA attention of the megatron backend cannot split a sequence over "
-                    f"ranks; use context_parallel=1")
             self.scale = softmax_scale
+            self.cp = config.context_parallel_size
 
         def forward(self, query, key, value, attention_mask, attn_mask_type=None,
                     attention_bias=None, packed_seq_params=None):
+            if self.cp > 1:
+                return _context_parallel_attention(query, key, value, attention_mask,
+                                                   self.scale)
             s, b, nq, d = query.shape
             out = query.new_empty(s, b, nq, d)
             for r in range(b):
@@ -203,7 +268,8 @@ def _packed_attention_cls():
 
 @dataclass
 class _Micro:
-    """A packed micro-batch shaped for the model (row length a multiple of TP x CP)."""
+    """A packed micro-batch shaped for the model (row length a multiple of TP; under
+    context parallel one row of the rank's tokens, _cp_micro)."""
 
     input_ids: Tensor  # [b, s]
     position_ids: Tensor
@@ -213,6 +279,23 @@ class _Micro:
     batch: PackedBatch | None  # None: an empty stand-in (a DP rank with no micro-batch)
     temperature: float = 1.0
     entropy: Tensor | None = None  # [N], set by the last stage's forward
+    # context parallel: which of the batch's N targets this rank computes (rows_index and
+    # targets are theirs); `segments` is then the cp_shard index
+    slots: Tensor | None = None
+    n_targets: int = 0
+
+
+def _cp_micro(pb: PackedBatch, cp: int, rank: int, tp: int, sequence_parallel: bool,
+              device) -> _Micro:
+    """This CP rank's part of a packed micro-batch: one row of its zigzag tokens
+    (context_parallel.cp_shard)."""
+    from .context_parallel import cp_shard
+
+    sh = cp_shard(pb.input_ids, pb.position_ids, pb.sources, pb.targets, cp, rank, tp,
+                  sequence_parallel)
+    return _Micro(sh.input_ids[None].to(device), sh.position_ids[None].to(device),
+                  sh.index.to(device), sh.sources.to(device), sh.targets.to(device), pb,
+                  slots=sh.slots.to(device), n_targets=int(pb.targets.numel()))
 
 
 def _micro(pb: PackedBatch, multiple: int, device) -> _Micro:
@@ -275,6 +358,7 @@ class MegatronPolicy:
         self.tp_rank, self.tp = ps.get_tensor_model_parallel_rank(), tp
         self.pp_rank, self.pp = ps.get_pipeline_model_parallel_rank(), pp
         self.dp_rank, self.dp = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
+        self.cp_rank, self.cp = ps.get_context_parallel_rank(), cp
         self.first, self.last = self.pp_rank == 0, self.pp_rank == pp - 1
         self.vocab = mc.padded_vocab_size(self.shape.vocab_size, tp)
         self.dtype = next(hf_model.parameters()).dtype
@@ -377,6 +461,11 @@ class MegatronPolicy:
             rows, weight, mb.targets, vocab_start=self.tp_rank * weight.shape[0],
             vocab_size=self.shape.vocab_size, chunk=self.cfg.logits_chunk,
             temperature=mb.temperature, group=ps.get_tensor_model_parallel_group())
+        if mb.slots is not None:  # context parallel: every rank gets all N targets'
+            group = ps.get_context_parallel_group()
+            lp = _SumCP.apply(lp.new_zeros(mb.n_targets).index_copy(0, mb.slots, lp), group)
+            ent = ent.new_zeros(mb.n_targets).index_copy(0, mb.slots, ent)
+            dist.all_reduce(ent, group=group)
         mb.entropy = ent.detach()
         return lp
 
@@ -394,12 +483,18 @@ class MegatronPolicy:
                        ) -> list[tuple[int, _Micro]]:
         """This DP rank's share of the micro-batches, with their indices; a rank left
         without one gets an empty stand-in (index -1) so that collectives still match."""
-        multiple = self.tp * self.cfg.context_parallel
-        mine = [(i, _micro(pb, multiple, self.device))
-                for i, pb in enumerate(batches) if i % self.dp == self.dp_rank]
+        def micro(pb: PackedBatch) -> _Micro:
+            if self.cp > 1:
+                return _cp_micro(pb, self.cp, self.cp_rank, self.tp,
+                                 self.config.sequence_parallel, self.device)
+            return _micro(pb, self.tp, self.device)
+
+        mine = [(i, micro(pb)) for i, pb in enumerate(batches) if i % self.dp == self.dp_rank]
         if not mine:
-            m = _micro(batches[0], multiple, self.device)
+            m = micro(batches[0])
             m.rows_index, m.targets, m.batch = m.rows_index[:0], m.targets[:0], None
+            if m.slots is not None:
+                m.slots = m.slots[:0]
             mine = [(-1, m)]
         for _, m in mine:
             m.temperature = temperature

@@ -16,7 +16,8 @@ Checks, each on a tied Llama (GQA) and an untied Qwen2 (q/k/v bias):
 - one optimizer step (Adam), then the exported weights;
 - the export before training reproduces the HF weights exactly;
 - with --tp > 1 also sequence parallel;
-- with neither --tp nor --pp, the two processes are data parallel (DP=2).
+- with neither --tp nor --pp, the two processes are data parallel (DP=2);
+- layout cp2: context parallel (CP=2), each rank's attention on half of the padded tokens.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ import torch.distributed as dist
 from kimi_rl.config import AlgoConfig, BackendConfig, ModelConfig
 from kimi_rl.data import modsum
 from kimi_rl.data.tokenizer import char_tokenizer
+from kimi_rl.policy.context_parallel import cp_shard
 from kimi_rl.policy.hf import HFPolicy
 from kimi_rl.policy.megatron import MegatronPolicy
 from kimi_rl.policy.model import tiny_model
@@ -79,25 +81,28 @@ def loss_fn(lp, pb):
     return loss, {"loss/test": float(loss)}
 
 
-def count_calls(policy) -> dict[str, int]:
+def count_calls(policy) -> tuple[dict[str, int], list[int]]:
     """Forward calls of the first layer's core attention and MLP on this rank (a module
-    recomputed in backward runs again)."""
+    recomputed in backward runs again), and the query tokens of each attention call."""
     layer = policy.gpt.decoder.layers[0]
     calls = {"core_attention": 0, "mlp": 0}
+    queries: list[int] = []
     for key, module in (("core_attention", layer.self_attention.core_attention),
                         ("mlp", layer.mlp)):
         module.register_forward_hook(
             lambda *_, key=key: calls.__setitem__(key, calls[key] + 1))
-    return calls
+    layer.self_attention.core_attention.register_forward_hook(
+        lambda m, args, out: queries.append(args[0].shape[0] * args[0].shape[1]))
+    return calls, queries
 
 
 def compare(name: str, tp: int, pp: int, sequence_parallel: bool, tokenizer,
-            recompute: str | None = None) -> dict:
+            recompute: str | None = None, cp: int = 1) -> dict:
     ref = hf_model(name, tokenizer)
     algo = AlgoConfig(lr=1e-3, grad_clip=1e9)
     backend = BackendConfig(name="megatron", tensor_parallel=tp, pipeline_parallel=pp,
-                            sequence_parallel=sequence_parallel, logits_chunk=5,
-                            micro_batch_tokens=16, recompute=recompute)
+                            context_parallel=cp, sequence_parallel=sequence_parallel,
+                            logits_chunk=5, micro_batch_tokens=16, recompute=recompute)
     mp = MegatronPolicy(copy.deepcopy(ref), backend, algo, seed=0)
     hp = HFPolicy(ref, BackendConfig(logits_chunk=5), algo)
     out = {}
@@ -115,14 +120,19 @@ def compare(name: str, tp: int, pp: int, sequence_parallel: bool, tokenizer,
     out["logprobs"], out["entropy"] = lp_err, ent_err
     micro = batches(len(tokenizer), 1, 16)  # several micro-batches of different shapes
     out["micro_batches"] = " ".join("x".join(map(str, pb.input_ids.shape)) for pb in micro)
-    # with DP > 1 the distributed optimizer leaves each rank only its shard of the
-    # gradients: they are checked with the plain optimizer, the step with both
-    gp = mp if mp.dp == 1 else MegatronPolicy(
+    # with DP (or CP) > 1 the distributed optimizer leaves each rank only its shard of
+    # the gradients: they are checked with the plain optimizer, the step with both
+    gp = mp if mp.dp * mp.cp == 1 else MegatronPolicy(
         copy.deepcopy(ref), dataclasses.replace(backend, distributed_optimizer=False), algo)
-    calls = count_calls(gp)
+    calls, queries = count_calls(gp)
     metrics = gp.forward_backward(micro, loss_fn)
     # forward calls per micro-batch (this rank's share): 1, or 2 where recomputed
     out["calls_per_micro_batch"] = {k: v / -(-len(micro) // gp.dp) for k, v in calls.items()}
+    out["attention_queries"] = sum(queries)  # this rank's, over its micro-batches
+    out["batch_tokens"] = sum(pb.input_ids.numel() for pb in micro)
+    if cp > 1:  # the padded THD rows' tokens, each rank's expected share
+        out["cp_share"] = sum(cp_shard(pb.input_ids, pb.position_ids, pb.sources, pb.targets,
+                                       cp, 0).layout.total for pb in micro) / cp
     grads = gp.grads_hf()
     ref.zero_grad()
     ref.train()
@@ -217,17 +227,22 @@ def main() -> None:
         for i, layout in enumerate(args.layouts.split(",")):
             tp = int(layout[2:]) if layout.startswith("tp") else 1
             pp = int(layout[2:]) if layout.startswith("pp") else 1
+            cp = int(layout[2:]) if layout.startswith("cp") else 1
             refused = None
             if i:  # a policy of another layout than the live one is refused, by name
                 try:
                     MegatronPolicy(hf_model("llama", tokenizer), BackendConfig(
-                        name="megatron", tensor_parallel=tp, pipeline_parallel=pp),
-                        AlgoConfig(), seed=0)
+                        name="megatron", tensor_parallel=tp, pipeline_parallel=pp,
+                        context_parallel=cp), AlgoConfig(), seed=0)
                     refused = False
                 except ValueError as e:
                     refused = "already" in str(e)
             ps.destroy_model_parallel()  # the next policy initialises its own layout
-            report[layout] = layout_report(tp, pp, args.save if i == 0 else None, tokenizer)
+            if cp > 1:
+                report[layout] = {name: compare(name, 1, 1, False, tokenizer, cp=cp)
+                                  for name in MODELS}
+            else:
+                report[layout] = layout_report(tp, pp, args.save if i == 0 else None, tokenizer)
             report[layout]["other_layout_refused"] = refused
     else:
         report = layout_report(args.tp, args.pp, args.save, tokenizer)
