@@ -125,7 +125,9 @@ def sampled_metrics(engine: RolloutEngine, tokenizer: PreTrainedTokenizerBase,
                     max_new_tokens: int, params: SamplingParams,
                     fmt: PromptFormat | None = None) -> dict:
     """pass@k and maj@k from n sampled responses per problem (one engine call), per level
-    and over all problems: {"pass@k": {"k": {"level": v, ..., "all": v}}, "maj@k": ...}.
+    and over all problems: {"pass@k": {"k": {"level": v, ..., "all": v}}, "maj@k": ...,
+    "by_task": {task: {"pass@k": ..., "maj@k": ...}}} (task_name's tasks, each over its own
+    problems).
 
     pass@k: the unbiased estimate from all n responses (correct: verifier score 1).
     maj@k: a majority vote over the final answers of the first k responses, scored by the
@@ -145,8 +147,16 @@ def sampled_metrics(engine: RolloutEngine, tokenizer: PreTrainedTokenizerBase,
             pass_k[k].append(pass_at_k(n, correct, k))
             vote = majority(answers[:k])
             maj_k[k].append(0.0 if vote is None else scores[answers.index(vote)])
-    return {name: {str(k): by_level(problems, v[k]) for k in ks}
-            for name, v in (("pass@k", pass_k), ("maj@k", maj_k))}
+    metrics = (("pass@k", pass_k), ("maj@k", maj_k))
+    out: dict = {name: {str(k): by_level(problems, v[k]) for k in ks} for name, v in metrics}
+    names = [task_name(p) for p in problems]
+    out["by_task"] = {}
+    for task in dict.fromkeys(names):
+        mine = [i for i, nm in enumerate(names) if nm == task]
+        out["by_task"][task] = {
+            name: {str(k): by_level([problems[i] for i in mine], [v[k][i] for i in mine])
+                   for k in ks} for name, v in metrics}
+    return out
 
 
 def format_metrics(metrics: dict) -> str:
@@ -164,7 +174,8 @@ def run_evaluation(cfg, out_dir, prompt_given: bool = False) -> dict:
     """`kimi-rl eval`: held-out accuracy of a run's latest checkpoint (eval.checkpoint=<run
     dir>) or of model.path, greedy, and with eval.samples=n also pass@k and maj@k for
     k in eval.k from n responses per problem sampled at rollout.temperature and
-    rollout.top_p (seed eval.seed), written to <out_dir>/eval.json.
+    rollout.top_p (seed eval.seed), written to <out_dir>/eval.json (per task too: `by_task`
+    for the greedy accuracy, `sampled_by_task` for pass@k and maj@k).
 
     The problems are the task's held-out split (for a JSONL file, up to
     data.test_per_level per level, never more than a fifth of a level's problems); when
@@ -205,7 +216,11 @@ def run_evaluation(cfg, out_dir, prompt_given: bool = False) -> dict:
         print(f"{n} samples per problem (temperature {params.temperature}, "
               f"top_p {params.top_p}), %:")
         print(format_metrics(metrics))
-        out.update(metrics)
+        if len(metrics["by_task"]) > 1:
+            for task, per_task in metrics["by_task"].items():
+                print(f"{task}:\n{format_metrics(per_task)}")
+        out.update({k: v for k, v in metrics.items() if k != "by_task"})
+        out["sampled_by_task"] = metrics["by_task"]
         out["sampling"] = {"samples": n, "temperature": params.temperature,
                            "top_p": params.top_p, "seed": params.seed}
     Path(out_dir).mkdir(parents=True, exist_ok=True)

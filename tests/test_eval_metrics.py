@@ -116,6 +116,7 @@ def test_sampled_metrics_with_a_scripted_engine(tokenizer):
     assert m["maj@k"]["1"] == {"1": 1.0, "2": 1.0, "3": 1.0, "all": 1.0}
     assert m["maj@k"]["2"] == {"1": 1.0, "2": 1.0, "3": 1.0, "all": 1.0}
     assert m["maj@k"]["4"] == {"1": 0.0, "2": 1.0, "3": 1.0, "all": pytest.approx(2 / 3)}
+    assert m["by_task"] == {"modsum": {"pass@k": m["pass@k"], "maj@k": m["maj@k"]}}
 
 
 def check_eval_json(out_dir, levels: set[str], ks=("1", "2", "4")) -> dict:

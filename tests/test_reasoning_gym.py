@@ -358,3 +358,12 @@ def test_evaluation_reports_each_dataset():
     assert out["by_task"] == {"chain_sum": {1: 1.0, 2: 1.0}, "countdown": {1: 0.0}}
     assert out["accuracy"] == {1: 0.5, 2: 1.0}
     assert task_name(Problem("m", "x", "1", 1, "modsum")) == "modsum"
+    # pass@k and maj@k per task too (the gold engine answers every sample alike)
+    from kimi_rl.evaluate import sampled_metrics
+    from kimi_rl.rollout.engine import SamplingParams
+
+    m = sampled_metrics(GoldForChainSum(tokenizer), tokenizer, test, 2, [1, 2], 16,
+                        SamplingParams())
+    assert m["by_task"]["chain_sum"]["pass@k"]["2"] == {"1": 1.0, "2": 1.0, "all": 1.0}
+    assert m["by_task"]["countdown"]["maj@k"]["1"] == {"1": 0.0, "all": 0.0}
+    assert m["pass@k"]["1"]["1"] == 0.5
