@@ -307,7 +307,22 @@ def test_bad_flaw_settings_are_named():
 
 
 def test_demonstrations_outside_the_levels_are_named_with_the_fix():
-    cfg = DataConfig(levels=[1, 2, 3], demos={1: 10, 5: 10, 6: 10})
-    with pytest.raises(ValueError, match=r"levels \[5, 6\] are not in data.levels \[1, 2, 3\]"
-                       r".*add data.demos.5=0 data.demos.6=0"):
-        load_task(cfg)
+    """The error names the levels and an override that fixes them, checked by composing
+    the demo's config with it (int-keyed mappings take a whole mapping on the command
+    line: `data.demos.5=0` is refused by OmegaConf)."""
+    from hydra import compose, initialize_config_module
+    from omegaconf import OmegaConf
+
+    from kimi_rl.config import TrainConfig, register_configs
+
+    register_configs()
+    with initialize_config_module(config_module="kimi_rl.conf", version_base=None):
+        cfg = compose("train", overrides=["data.levels=[1,2,3,4]"])
+        with pytest.raises(ValueError, match=r"levels \[5, 6\] are not in data.levels "
+                           r"\[1, 2, 3, 4\].*add 'data.demos=\{5: 0, 6: 0\}'") as err:
+            load_task(OmegaConf.to_object(cfg).data)
+        fix = re.search(r"add '(.*)'", str(err.value)).group(1)
+        cfg = compose("train", overrides=["data.levels=[1,2,3,4]", fix])
+    data = OmegaConf.to_object(cfg).data
+    assert isinstance(OmegaConf.to_object(cfg), TrainConfig)
+    assert load_task(data).demos == {1: 2000, 2: 2000, 3: 2000, 4: 2000}

@@ -96,9 +96,10 @@ def load_task(cfg: DataConfig) -> TaskData:
     demos = {int(k): int(v) for k, v in cfg.demos.items() if int(v) > 0}
     bad = sorted(set(demos) - set(cfg.levels))
     if bad:
-        zero = " ".join(f"data.demos.{lv}=0" for lv in bad)
+        zero = ", ".join(f"{lv}: 0" for lv in bad)
         raise ValueError(f"data.demos: levels {bad} are not in data.levels {list(cfg.levels)} "
-                         f"(a mapping override merges with the experiment's: add {zero})")
+                         f"(a mapping override merges with the experiment's: add "
+                         f"'data.demos={{{zero}}}')")
     train, test = modsum.generate(list(cfg.levels), cfg.train_per_level, cfg.test_per_level,
                                   cfg.seed)
     return TaskData(train, test, demos=demos,
