@@ -47,6 +47,11 @@ def judge(summary: dict) -> tuple[dict[str, bool], dict[str, float]]:
                              for k in ("eval_before", "eval_after", "sft_control"))
     figures = {"start": start, "after": after, "control": control,
                "train_seconds": train_seconds(summary)}
+    # reported beside the bar: every evaluated level, trained or not (what RL costs the
+    # levels it does not train shows here)
+    every = sorted(summary["eval_after"], key=int)
+    for k, key in (("start", "eval_before"), ("after", "eval_after"), ("control", "sft_control")):
+        figures[f"all_levels_{k}"] = trained_mean(summary[key], every)
     return {
         "rl_beats_start": after - start >= MIN_GAIN - 1e-9,
         "rl_beats_control": after - control >= MIN_GAIN - 1e-9,
@@ -63,7 +68,8 @@ def one(out: Path, experiment: str, seed: int, extra: list[str]) -> dict:
         return {**row, "pass": False, "error": summary["error"]}
     checks, figures = judge(summary)
     return {**row, "pass": all(checks.values()), "checks": checks,
-            **{f"trained_{k}": round(v, 3) for k, v in figures.items() if k != "train_seconds"},
+            **{(k if k.startswith("all_levels") else f"trained_{k}"): round(v, 3)
+               for k, v in figures.items() if k != "train_seconds"},
             "trained_levels": summary["trained_levels"],
             "eval_before": summary["eval_before"], "eval_after": summary["eval_after"],
             "sft_control": summary["sft_control"],
