@@ -48,6 +48,9 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import gpu_train_step  # noqa: E402
 
 from kimi_rl.attention import Segments, packed_attention  # noqa: E402
 from kimi_rl.config import AlgoConfig, BackendConfig  # noqa: E402
@@ -69,21 +72,10 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def measured_peak(device: torch.device, n: int = 8192, reps: int = 10) -> float | None:
-    """Best bfloat16 GEMM FLOP/s of a few n x n products (None off CUDA)."""
-    if device.type != "cuda":
-        return None
-    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
-    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
-    best = 0.0
-    for _ in range(3):
-        sync(device)
-        t = time.perf_counter()
-        for _ in range(reps):
-            a @ b
-        sync(device)
-        best = max(best, 2 * n ** 3 * reps / (time.perf_counter() - t))
-    return best
+def measured_peak(device: torch.device) -> float | None:
+    """The device's best bfloat16 GEMM FLOP/s (gpu_train_step.py's measurement; None off
+    CUDA)."""
+    return gpu_train_step.measured_peak() if device.type == "cuda" else None
 
 
 def row(lengths: list[int], vocab: int, seed: int):

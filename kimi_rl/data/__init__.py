@@ -28,6 +28,11 @@ class TaskData:
     # reasoning-gym: dataset -> level -> demonstrations (kimi_rl.data.reasoning_gym)
     rg_demos: dict[str, dict[int, int]] = field(default_factory=dict)
 
+    def _flaw(self, rng: random.Random, level: int) -> str | None:
+        """The flaw of the next demonstration of `level` (one draw): `flaw` with
+        probability `flawed[level]`, else None (a right one)."""
+        return self.flaw if rng.random() < self.flawed.get(level, 0.0) else None
+
     def demonstrations(self, confirm_prob: float, seed: int) -> list[tuple[Problem, str]]:
         """(problem, chain-of-thought response) pairs for the SFT cold start; a share
         `confirm_prob` of them close with the redundant confirmation line."""
@@ -38,16 +43,14 @@ class TaskData:
             if p.task == "modsum" and taken.get(p.level, 0) < self.demos.get(p.level, 0):
                 taken[p.level] = taken.get(p.level, 0) + 1
                 confirm = rng.random() < confirm_prob
-                flawed = rng.random() < self.flawed.get(p.level, 0.0)
-                out.append((p, modsum.demonstration(p, confirm, self.flaw if flawed else None)))
+                out.append((p, modsum.demonstration(p, confirm, self._flaw(rng, p.level))))
         rg_taken: dict[tuple[str, int], int] = {}
         for p in self.train if self.rg_demos else ():
             if p.task != reasoning_gym.TASK:
                 continue
             key = (reasoning_gym.entry_of(p)[0], p.level)
             if rg_taken.get(key, 0) < self.rg_demos.get(key[0], {}).get(p.level, 0):
-                flawed = rng.random() < self.flawed.get(p.level, 0.0)
-                demo = reasoning_gym.demonstration(p, self.flaw if flawed else None)
+                demo = reasoning_gym.demonstration(p, self._flaw(rng, p.level))
                 if demo is not None:
                     rg_taken[key] = rg_taken.get(key, 0) + 1
                     out.append((p, demo))
@@ -80,6 +83,8 @@ def load_task(cfg: DataConfig) -> TaskData:
             train=[p for p in problems if p.id not in test_ids],
             test=[p for p in problems if p.id in test_ids],
         )
+    # the built-in teachers' imperfection (modsum and reasoning-gym)
+    teacher = {"flaw": cfg.flaw, "flawed": {int(k): float(v) for k, v in cfg.flawed.items()}}
     if cfg.task == reasoning_gym.TASK:
         plain = OmegaConf.to_container if OmegaConf.is_config(cfg) else dict
         train, test = reasoning_gym.generate(
@@ -88,8 +93,7 @@ def load_task(cfg: DataConfig) -> TaskData:
         rg_demos = reasoning_gym.demo_table(list(cfg.rg_datasets), plain(cfg.rg_levels),
                                             plain(cfg.rg_demos))
         return TaskData(train, test, vocabulary=reasoning_gym.vocabulary(train + test),
-                        rg_demos=rg_demos, flaw=cfg.flaw,
-                        flawed={int(k): float(v) for k, v in cfg.flawed.items()})
+                        rg_demos=rg_demos, **teacher)
     if cfg.task != "modsum":
         raise ValueError(f"data.task: unknown built-in task {cfg.task!r} "
                          f"(choose from ['modsum', '{reasoning_gym.TASK}'])")
@@ -102,6 +106,4 @@ def load_task(cfg: DataConfig) -> TaskData:
                          f"'data.demos={{{zero}}}')")
     train, test = modsum.generate(list(cfg.levels), cfg.train_per_level, cfg.test_per_level,
                                   cfg.seed)
-    return TaskData(train, test, demos=demos,
-                    flawed={int(k): float(v) for k, v in cfg.flawed.items()}, flaw=cfg.flaw,
-                    vocabulary=modsum.vocabulary())
+    return TaskData(train, test, demos=demos, **teacher, vocabulary=modsum.vocabulary())

@@ -36,6 +36,7 @@ from dataclasses import fields
 from functools import lru_cache
 from typing import Any
 
+from .modsum import FLAWS
 from .problems import Problem
 
 TASK = "reasoning_gym"
@@ -295,7 +296,7 @@ def demonstration(problem: Problem, flaw: str | None = None) -> str | None:
         results[-1] += 1
         lines[-1] = f"{lines[-1].rsplit(' = ', 1)[0]} = {results[-1]}"
     elif flaw is not None:
-        raise ValueError(f"demonstration: unknown flaw {flaw!r} (choose from stop_early, slip)")
+        raise ValueError(f"demonstration: unknown flaw {flaw!r} (choose from {list(FLAWS)})")
     return "\n".join(lines + [f"The answer is \\boxed{{{results[-1]}}}."])
 
 

@@ -95,11 +95,15 @@ def zigzag_positions(layout: ThdLayout, cp: int, rank: int) -> Tensor:
     return torch.cat(out)
 
 
+def gathered_positions(layout: ThdLayout, cp: int) -> Tensor:
+    """The padded-row position of each token of the CP ranks' parts gathered in rank order."""
+    return torch.cat([zigzag_positions(layout, cp, r) for r in range(cp)])
+
+
 def unsplit(parts: list[Tensor], layout: ThdLayout) -> Tensor:
     """The padded row from every CP rank's zigzag part (rank order): the inverse of taking
     `row[zigzag_positions(layout, cp, r)]` for each rank r."""
-    cp = len(parts)
-    index = torch.cat([zigzag_positions(layout, cp, r) for r in range(cp)])
+    index = gathered_positions(layout, len(parts))
     values = torch.cat(parts)
     if values.shape[0] != layout.total:
         raise ValueError(f"unsplit: {values.shape[0]} values for a row of {layout.total}")
@@ -117,6 +121,9 @@ class CPShard:
     input_ids: Tensor  # [n] this rank's tokens, in padded-row order
     position_ids: Tensor  # [n] each token's position within its sequence
     index: Tensor  # [2, n] each token's position in the padded row, and its sequence's start
+    # [cp x n] the padded row's order of every rank's tokens gathered in rank order (the
+    # same on every rank: keys and values all-gathered over the group, then `[order]`)
+    order: Tensor
     sources: Tensor  # [m] local indices of the hidden states that predict this rank's targets
     slots: Tensor  # [m] which of the batch's targets those are (indices into its N targets)
     targets: Tensor  # [m] their token ids
@@ -150,5 +157,6 @@ def cp_shard(input_ids: Tensor, position_ids: Tensor, sources: Tensor, targets: 
     inv[local] = torch.arange(local.numel())
     held = inv[where[sources]]
     mine = held >= 0
-    return CPShard(ids[local], pos[local], torch.stack([local, start_of[local]]), held[mine],
-                   torch.nonzero(mine)[:, 0], targets[mine], layout)
+    order = torch.argsort(gathered_positions(layout, cp))
+    return CPShard(ids[local], pos[local], torch.stack([local, start_of[local]]), order,
+                   held[mine], torch.nonzero(mine)[:, 0], targets[mine], layout)

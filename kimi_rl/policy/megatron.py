@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
-from ..config import AlgoConfig, BackendConfig
+from ..config import RECOMPUTE, TRANSFORMER_IMPLS, AlgoConfig, BackendConfig
 from . import megatron_convert as mc
 from .hf import LossFn
 from .packing import PackedBatch
@@ -127,9 +127,9 @@ def check_transformer_impl(backend: BackendConfig) -> None:
     """The layer implementation asked for exists here: Transformer Engine fails at start,
     saying what to install where it is missing; where it is installed, that its path is not
     wired into this backend yet. (Context parallelism runs on the local layers.)"""
-    if backend.transformer_impl not in ("local", "transformer_engine"):
-        raise ValueError(f"backend.transformer_impl={backend.transformer_impl!r}: choose local "
-                         f"or transformer_engine")
+    if backend.transformer_impl not in TRANSFORMER_IMPLS:
+        raise ValueError(f"backend.transformer_impl={backend.transformer_impl!r}: choose from "
+                         f"{list(TRANSFORMER_IMPLS)}")
     if backend.context_parallel < 1:
         raise ValueError(f"backend.context_parallel={backend.context_parallel}: must be >= 1")
     if backend.transformer_impl == "local":
@@ -148,8 +148,8 @@ def recompute_settings(backend: BackendConfig) -> dict:
     selective: each layer's core attention | full: each layer whole, one at a time);
     backend.gradient_checkpointing=true means full."""
     mode = backend.recompute or ("full" if backend.gradient_checkpointing else None)
-    if mode not in (None, "selective", "full"):
-        raise ValueError(f"backend.recompute={mode!r}: choose null, selective or full")
+    if mode not in RECOMPUTE:
+        raise ValueError(f"backend.recompute={mode!r}: choose from {list(RECOMPUTE)}")
     if backend.gradient_checkpointing and mode != "full":
         raise ValueError(f"backend.recompute={mode}: backend.gradient_checkpointing=true means "
                          f"full recompute; set one of them")
@@ -203,17 +203,15 @@ def _context_parallel_attention(query: Tensor, key: Tensor, value: Tensor, index
     their ranks by reduce-scatter), put in padded-row order, and each contiguous run of the
     rank's queries attends to its sequence's keys up to itself (kimi_rl.attention's
     causal_attention with the keys before the run as its prefix). `index`: [2, n] each
-    token's padded-row position and its sequence's start."""
+    token's padded-row position and its sequence's start, then (rows 2-) the order that puts
+    the gathered tokens in padded-row order (CPShard.order; _cp_micro)."""
     from megatron.core import parallel_state as ps
 
     from ..attention import causal_attention
 
     group = ps.get_context_parallel_group()
     n, _, nq, d = query.shape
-    pos, start = index[0], index[1]
-    everyone = torch.empty(dist.get_world_size(group) * n, dtype=pos.dtype, device=pos.device)
-    dist.all_gather_into_tensor(everyone, pos.contiguous(), group=group)
-    order = torch.argsort(everyone)  # gathered -> padded row
+    pos, start, order = index[0], index[1], index[2:].reshape(-1)
     keys = _GatherCP.apply(key, group)[order, 0].transpose(0, 1)[None]  # [1, kv, T, d]
     values = _GatherCP.apply(value, group)[order, 0].transpose(0, 1)[None]
     q = query[:, 0].transpose(0, 1)[None]  # [1, heads, n, d]
@@ -235,8 +233,8 @@ def _packed_attention_cls():
     class PackedAttention(MegatronModule):
         """Core attention for packed rows: causal attention within each packed sequence,
         one torch SDPA call per sequence (GQA native). `attention_mask` carries the [b, s]
-        segment ids (segment_ids), not a mask; under context parallel the [2, n] index of
-        the rank's tokens (context_parallel.cp_shard) for _context_parallel_attention."""
+        segment ids (segment_ids), not a mask; under context parallel the index of the
+        rank's tokens (_cp_micro) for _context_parallel_attention."""
 
         def __init__(self, config, layer_number, attn_mask_type, attention_type,
                      attention_dropout=None, softmax_scale=None, cp_comm_type=None,
@@ -280,7 +278,7 @@ class _Micro:
     temperature: float = 1.0
     entropy: Tensor | None = None  # [N], set by the last stage's forward
     # context parallel: which of the batch's N targets this rank computes (rows_index and
-    # targets are theirs); `segments` is then the cp_shard index
+    # targets are theirs); `segments` is then _cp_micro's index
     slots: Tensor | None = None
     n_targets: int = 0
 
@@ -293,8 +291,9 @@ def _cp_micro(pb: PackedBatch, cp: int, rank: int, tp: int, sequence_parallel: b
 
     sh = cp_shard(pb.input_ids, pb.position_ids, pb.sources, pb.targets, cp, rank, tp,
                   sequence_parallel)
+    index = torch.cat([sh.index, sh.order.view(cp, -1)])  # what the attention reads
     return _Micro(sh.input_ids[None].to(device), sh.position_ids[None].to(device),
-                  sh.index.to(device), sh.sources.to(device), sh.targets.to(device), pb,
+                  index.to(device), sh.sources.to(device), sh.targets.to(device), pb,
                   slots=sh.slots.to(device), n_targets=int(pb.targets.numel()))
 
 
