@@ -18,7 +18,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from . import host
-from .config import register_configs
+from .config import int_key_override, int_keys, register_configs
 
 register_configs()
 HYDRA = dict(version_base=None, config_path="pkg://kimi_rl.conf", config_name="train")
@@ -48,6 +48,7 @@ def _user_errors(fn):
     @functools.wraps(fn)
     def wrapper(cfg: DictConfig) -> None:
         try:
+            int_keys(cfg)
             fn(cfg)
         except (FileNotFoundError, ValueError, KeyError) as e:
             if os.environ.get("HYDRA_FULL_ERROR") == "1":
@@ -153,8 +154,16 @@ def main(argv: list[str] | None = None) -> None:
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in apps:
         print(USAGE, file=sys.stderr)
         sys.exit(0 if argv and argv[0] in ("-h", "--help") else 2)
-    sys.argv = [f"kimi-rl {argv[0]}"] + group_deletions(argv[1:]) + rank_overrides()
+    sys.argv = [f"kimi-rl {argv[0]}"] + hydra_overrides(argv[1:]) + rank_overrides()
     apps[argv[0]]()
+
+
+def hydra_overrides(overrides: list[str]) -> list[str]:
+    """The command line's overrides as Hydra takes them: `group=null` deletions
+    (group_deletions), and one key of an int-keyed mapping (`data.flawed.2=0.5`, which
+    Hydra would look up as the string "2" and refuse) passed as `++data.flawed.2=0.5`;
+    kimi_rl.config's `int_keys` then makes its key an int."""
+    return ["++" + o if int_key_override(o) else o for o in group_deletions(overrides)]
 
 
 def group_deletions(overrides: list[str]) -> list[str]:

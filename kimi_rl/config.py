@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import time
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
@@ -16,6 +17,12 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
 
 from . import host
+
+# The key of a mapping keyed by level or iteration (data.demos, data.flawed, a curriculum
+# stage's levels, ...): an int once `int_keys` has run. Typed Any, not int, because Hydra
+# passes the key of a one-key override (`data.flawed.2=0.5`) as a string, which a
+# Dict[int, ...] refuses.
+IntKey = Any
 
 
 @dataclass
@@ -189,7 +196,7 @@ class RolloutConfig:
     # max response length by iteration, growing (SPEC.md section 4), e.g. {100: 16384,
     # 200: 32768}: from each start iteration on, that cap; before the first start (and
     # when empty) max_new_tokens. A response that reaches the cap ends as truncated.
-    max_new_tokens_schedule: Dict[int, int] = field(default_factory=dict)
+    max_new_tokens_schedule: Dict[IntKey, int] = field(default_factory=dict)
     max_batch_size: int = 512  # sequences per engine call
     # rollout replicas under torchrun (README "Rollout replicas"): each generates a share
     # of the iteration's request groups, and all ranks then hold the whole batch.
@@ -276,7 +283,7 @@ class StageConfig:
     """From iteration `start` on, sample levels with these weights (empty = all, uniform)."""
 
     start: int = 0
-    levels: Dict[int, float] = field(default_factory=dict)
+    levels: Dict[IntKey, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -307,7 +314,7 @@ class DataConfig:
     train_per_level: int = 2000
     test_per_level: int = 100
     # chain-of-thought demonstrations for SFT: level -> how many (capped at the train set)
-    demos: Dict[int, int] = field(default_factory=lambda: {1: 2000, 2: 2000, 3: 2000})
+    demos: Dict[IntKey, int] = field(default_factory=lambda: {1: 2000, 2: 2000, 3: 2000})
     # built-in task: the share of demonstrations that close with the redundant confirmation
     # line (kimi_rl/data/modsum.py), the optional length the length penalty can remove
     confirm_prob: float = 0.5
@@ -315,18 +322,18 @@ class DataConfig:
     # stop_early (the last operand skipped) | slip (the last sum one too high); both answer
     # wrongly (kimi_rl/data/modsum.py FLAWS). The built-in task's and reasoning-gym's
     # teachers (kimi_rl/data/reasoning_gym.py `demonstration`)
-    flawed: Dict[int, float] = field(default_factory=dict)
+    flawed: Dict[IntKey, float] = field(default_factory=dict)
     flaw: str = "stop_early"
     # reasoning-gym (task reasoning_gym; kimi_rl.data.reasoning_gym): the datasets to use,
     # and per dataset a table level -> its config overrides at that level (a dataset
     # without one: level 1, default settings); train_per_level and test_per_level
     # problems per dataset and level
     rg_datasets: List[str] = field(default_factory=list)
-    rg_levels: Dict[str, Dict[int, Dict[str, Any]]] = field(default_factory=dict)
+    rg_levels: Dict[str, Dict[IntKey, Dict[str, Any]]] = field(default_factory=dict)
     # reasoning-gym SFT demonstrations, written by a programmatic teacher: dataset -> level
     # -> how many (capped at its training problems the teacher can solve; datasets with a
     # teacher: kimi_rl.data.reasoning_gym.TEACHERS)
-    rg_demos: Dict[str, Dict[int, int]] = field(default_factory=dict)
+    rg_demos: Dict[str, Dict[IntKey, int]] = field(default_factory=dict)
     seed: int = 1234
 
 
@@ -526,6 +533,52 @@ ENGINE_DTYPES = ("float32", "bfloat16", "float16", "auto")
 AUTOCAST_DTYPES = (None, "bfloat16", "float16")
 RECOMPUTE = (None, "selective", "full")  # backend.recompute (megatron)
 TRANSFORMER_IMPLS = ("local", "transformer_engine")  # backend.transformer_impl (megatron)
+
+
+# the int-keyed mappings (IntKey), `*` for any one key
+INT_KEYED = ("rollout.max_new_tokens_schedule", "data.demos", "data.flawed",
+             "curriculum.stages.*.levels", "data.rg_levels.*", "data.rg_demos.*")
+
+
+def int_key_override(override: str) -> bool:
+    """Whether a command-line override sets one key of an int-keyed mapping
+    (`data.flawed.2=0.5`, `data.rg_levels.chain_sum.2.max_terms=3`): Hydra finds no such
+    key (it looks for the string "2"), so the command line passes it as `++...`."""
+    key, sep, _ = override.partition("=")
+    return bool(sep) and any(
+        re.fullmatch(re.escape(p).replace(r"\*", "[^.]+") + r"\.-?\d+(\..+)?", key)
+        for p in INT_KEYED)
+
+
+def int_keys(cfg) -> None:
+    """Make every key of the config's int-keyed mappings (INT_KEYED) an int, in place: a
+    one-key command-line override arrives as the string "2" beside the composed config's
+    2, and, merged later, wins (mappings merge: `data.rg_levels.chain_sum.2.max_terms=3`
+    keeps level 2's other settings). A key that is not an integer is a ValueError naming
+    it."""
+
+    def paths(pattern: str, node, prefix: str):
+        head, _, rest = pattern.partition(".")
+        keys = [head] if head != "*" else (
+            range(len(node)) if OmegaConf.is_list(node) else list(node.keys()))
+        for k in keys:
+            child = OmegaConf.select(node, str(k))
+            if child is None:
+                continue
+            path = f"{prefix}{k}"
+            yield from paths(rest, child, path + ".") if rest else [path]
+
+    for pattern in INT_KEYED:
+        for path in list(paths(pattern, cfg, "")):
+            fixed: Dict[int, Any] = {}
+            for key, value in OmegaConf.select(cfg, path).items_ex(resolve=False):
+                try:
+                    level = int(key)
+                except (TypeError, ValueError):
+                    raise ValueError(f"{path}.{key}: must be an integer key") from None
+                both = OmegaConf.is_dict(value) and OmegaConf.is_dict(fixed.get(level))
+                fixed[level] = OmegaConf.merge(fixed[level], value) if both else value
+            OmegaConf.update(cfg, path, fixed, merge=False)
 
 
 def check_config(cfg: TrainConfig) -> None:

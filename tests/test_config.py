@@ -117,6 +117,38 @@ def test_overrides_apply():
         "grpo", 0.3, 4, 5)
 
 
+def test_one_key_of_an_int_keyed_mapping():
+    # the command line's way (kimi-rl train data.flawed.2=0.5): hydra_overrides, then int_keys
+    from kimi_rl.cli import hydra_overrides
+    from kimi_rl.config import int_key_override, int_keys
+
+    line = ["experiment=smollm2_gym", "data.flawed.2=0.5", "data.flawed.4=0.25",
+            "data.rg_levels.chain_sum.2.max_terms=5", "curriculum.stages.0.levels.1=3.0",
+            "data.rg_demos.chain_sum.1=50", "data.demos.6=7", "seed=2"]
+    overrides = hydra_overrides(line)
+    assert overrides == [line[0], *("++" + o for o in line[1:-1]), "seed=2"]
+    cfg = make(overrides)
+    int_keys(cfg)
+    plain = OmegaConf.to_container(cfg)
+    data = plain["data"]
+    assert data["flawed"] == {2: 0.5, 3: 0.75, 4: 0.25}
+    assert data["rg_levels"]["chain_sum"][2] == {  # the other settings of level 2 kept
+        "min_terms": 3, "max_terms": 5, "min_digits": 1, "max_digits": 1}
+    assert data["rg_levels"]["chain_sum"][1]["max_terms"] == 2
+    assert data["rg_demos"] == {"chain_sum": {1: 50, 2: 100, 3: 100}}
+    assert data["demos"] == {**TrainConfig().data.demos, 6: 7}
+    assert plain["curriculum"]["stages"][0]["levels"] == {2: 2.0, 3: 1.0, 1: 3.0}
+    assert plain["seed"] == 2
+    for mapping in (data["flawed"], data["demos"], data["rg_levels"]["chain_sum"]):
+        assert all(type(k) is int for k in mapping)
+    # whole mappings and other keys pass unchanged
+    assert not int_key_override("data.flawed={2: 0.5}") and not int_key_override("seed=2")
+    assert not int_key_override("data.flaw=slip")
+    bad = make(["experiment=smollm2_gym", "+data.flawed.two=0.5"])
+    with pytest.raises(ValueError, match="data.flawed.two: must be an integer key"):
+        int_keys(bad)
+
+
 @pytest.mark.parametrize("overrides", [["model.path=/nonexistent/dir"],
                                        ["model=hf", "model.path=/nonexistent/dir"]])
 def test_build_policy_missing_model_dir(overrides):
