@@ -131,13 +131,18 @@ def test_one_key_of_an_int_keyed_mapping():
     int_keys(cfg)
     plain = OmegaConf.to_container(cfg)
     data = plain["data"]
-    assert data["flawed"] == {2: 0.5, 3: 0.75, 4: 0.25}
+    base = OmegaConf.to_container(make(["experiment=smollm2_gym"]))  # the experiment's own
+    was = base["data"]
+    assert (was["flawed"][2], was["rg_levels"]["chain_sum"][2]["max_terms"],
+            was["rg_demos"]["chain_sum"][1]) != (0.5, 5, 50) and 4 not in was["flawed"]
+    assert data["flawed"] == {**was["flawed"], 2: 0.5, 4: 0.25}
     assert data["rg_levels"]["chain_sum"][2] == {  # the other settings of level 2 kept
-        "min_terms": 3, "max_terms": 5, "min_digits": 1, "max_digits": 1}
-    assert data["rg_levels"]["chain_sum"][1]["max_terms"] == 2
-    assert data["rg_demos"] == {"chain_sum": {1: 50, 2: 100, 3: 100}}
+        **was["rg_levels"]["chain_sum"][2], "max_terms": 5}
+    assert data["rg_levels"]["chain_sum"][1] == was["rg_levels"]["chain_sum"][1]
+    assert data["rg_demos"] == {"chain_sum": {**was["rg_demos"]["chain_sum"], 1: 50}}
     assert data["demos"] == {**TrainConfig().data.demos, 6: 7}
-    assert plain["curriculum"]["stages"][0]["levels"] == {2: 2.0, 3: 1.0, 1: 3.0}
+    assert plain["curriculum"]["stages"][0]["levels"] == {
+        **base["curriculum"]["stages"][0]["levels"], 1: 3.0}
     assert plain["seed"] == 2
     for mapping in (data["flawed"], data["demos"], data["rg_levels"]["chain_sum"]):
         assert all(type(k) is int for k in mapping)
